@@ -1,0 +1,1 @@
+"""Placeholder: filled by the QuEST kernels work (issue 4)."""

@@ -1,0 +1,3 @@
+"""qstar_jax.data."""
+
+__all__: list[str] = []

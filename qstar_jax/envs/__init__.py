@@ -1,0 +1,3 @@
+"""qstar_jax.envs."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""qstar_jax.losses."""
+
+__all__: list[str] = []

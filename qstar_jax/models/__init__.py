@@ -1,0 +1,3 @@
+"""qstar_jax.models."""
+
+__all__: list[str] = []

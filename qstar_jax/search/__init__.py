@@ -1,0 +1,3 @@
+"""qstar_jax.search."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""qstar_jax.training."""
+
+__all__: list[str] = []

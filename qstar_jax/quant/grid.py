@@ -76,7 +76,7 @@ def gaussian_quantization_mse(alpha: float, bits: int) -> float:
   return total
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gaussian_mse_scale(bits: int) -> float:
   """The MSE-optimal outermost level alpha_b for N(0, 1) inputs on QuEST's zero-free grid.
 

@@ -42,7 +42,7 @@ def effective_block(dim: int, block: int) -> int:
   return block
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hadamard_np(block: int) -> np.ndarray:
   h = np.ones((1, 1), np.float64)
   while h.shape[0] < block:

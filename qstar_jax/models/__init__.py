@@ -1,22 +1,30 @@
-"""qstar_jax.models."""
+"""qstar_jax.models: Llama-family policy/value transformers, KV-cache decoding, weight loading."""
 
 __all__: list[str] = []
 
-# Tokenizers and errors (loading helper).
-from qstar_jax.models import errors  # noqa: E402
-from qstar_jax.models.tokenizer import (  # noqa: E402
-  GGUFTokenizer,
-  HFTokenizer,
-  SentencePieceTokenizer,
-  Tokenizer,
-  train_sentencepiece,
+# Transformer, config, cache (model helper).
+from qstar_jax.models.config import LlamaConfig, get_config, preset_names  # noqa: E402
+from qstar_jax.models.kv_cache import KVCache  # noqa: E402
+from qstar_jax.models.llama import (  # noqa: E402
+  Llama,
+  apply,
+  apply_hidden,
+  apply_logits,
+  flat_param_shapes,
+  get_flat_params,
+  set_flat_params,
 )
 
 __all__ += [
-  "errors",
-  "GGUFTokenizer",
-  "HFTokenizer",
-  "SentencePieceTokenizer",
-  "Tokenizer",
-  "train_sentencepiece",
+  "LlamaConfig",
+  "get_config",
+  "preset_names",
+  "KVCache",
+  "Llama",
+  "apply",
+  "apply_hidden",
+  "apply_logits",
+  "flat_param_shapes",
+  "get_flat_params",
+  "set_flat_params",
 ]

@@ -1,0 +1,379 @@
+"""Llama-family decoder (Llama, SmolLM2, Qwen2) in Flax NNX, with a KV-cache forward.
+
+Parameter layout (flat dotted names, kernels stored [in, out] so that y = x @ kernel):
+
+  embed_tokens.embedding                 [V, D]
+  layers.{i}.input_norm.scale            [D]
+  layers.{i}.attn.{q,k,v}_proj.kernel    [D, H*hd]   (+ .bias [H*hd] when attention_bias)
+  layers.{i}.attn.o_proj.kernel          [Hq*hd, D]
+  layers.{i}.post_attn_norm.scale        [D]
+  layers.{i}.mlp.{gate,up}_proj.kernel   [D, F]
+  layers.{i}.mlp.down_proj.kernel        [F, D]
+  final_norm.scale                       [D]
+  lm_head.kernel                         [D, V]      (absent when tie_word_embeddings)
+
+The block is the Hugging Face Llama block:
+  h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))
+  y = h + down_proj(silu(gate_proj(n2(h))) * up_proj(n2(h)))
+with RMSNorm n(x) = x * rsqrt(mean(x^2) + eps) * scale (computed in float32) and rotary
+embeddings in the rotate_half layout (dimension j pairs with j + hd/2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qstar_jax.models.config import LlamaConfig
+from qstar_jax.models.kv_cache import KVCache
+
+_INIT_STDDEV = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+  return (_INIT_STDDEV * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel (+ bias); QuEST fake-quantized when `quant` is set."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+               config: LlamaConfig, quantized: bool, rngs: nnx.Rngs):
+    pdt = jnp.dtype(config.param_dtype)
+    self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), pdt))
+    self.bias = nnx.Param(jnp.zeros((out_features,), pdt)) if use_bias else None
+    self.quant = config.quant if quantized else None
+    self.dtype = jnp.dtype(config.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...].astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.quant is not None:
+      from qstar_jax.quant import fake_quant_dense  # written by the quantization helper
+      y = fake_quant_dense(x, kernel, self.quant).astype(self.dtype)
+    else:
+      y = x @ kernel
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * scale, normalised in float32 (HF Llama style)."""
+
+  def __init__(self, dim: int, *, config: LlamaConfig):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(config.param_dtype)))
+    self.eps = float(config.rms_norm_eps)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(in_dtype) * x32.astype(in_dtype)
+
+
+class Embedding(nnx.Module):
+  def __init__(self, vocab_size: int, dim: int, *, config: LlamaConfig, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(_normal(rngs, (vocab_size, dim), jnp.dtype(config.param_dtype)))
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rotary_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [hd/2] float32, with Llama-3 or linear scaling from the config."""
+  hd = config.resolved_head_dim
+  exponents = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
+  inv_freq = (1.0 / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+  if config.rope_scaling is None:
+    return inv_freq
+  scaling = dict(config.rope_scaling)
+  rope_type = scaling.get("rope_type", scaling.get("type"))
+  if rope_type == "default":
+    return inv_freq
+  factor = float(scaling["factor"])
+  if rope_type == "linear":
+    return (inv_freq / np.float32(factor)).astype(np.float32)
+  # Llama 3: long wavelengths divided by `factor`, short kept, a smooth ramp in between.
+  low_freq_factor = float(scaling["low_freq_factor"])
+  high_freq_factor = float(scaling["high_freq_factor"])
+  old_context = float(scaling["original_max_position_embeddings"])
+  low_freq_wavelen = old_context / low_freq_factor
+  high_freq_wavelen = old_context / high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, T, 1, hd] float32 for integer positions [B, T]."""
+  inv_freq = jnp.asarray(rotary_inv_freq(config))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x [B, T, H, hd] rotated: x * cos + rotate_half(x) * sin (rotate_half = [-x2, x1])."""
+  half = x.shape[-1] // 2
+  x32 = x.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Grouped-query softmax attention.
+
+  softmax_s(q_t . k_s / sqrt(hd), masked) @ v, scores and softmax in float32.
+
+  Args:
+    q: [B, T, Hq, hd]; k, v: [B, S, Hkv, hd]; mask: [B, T, S] bool (True = may attend).
+  Returns:
+    [B, T, Hq * hd] in q's dtype.
+  """
+  b, t, hq, hd = q.shape
+  hkv = k.shape[2]
+  q = q.reshape(b, t, hkv, hq // hkv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / math.sqrt(hd))
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+  return out.reshape(b, t, hq * hd)
+
+
+class Attention(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, hd = config.hidden_size, config.resolved_head_dim
+    hq, hkv = config.num_heads, config.num_kv_heads
+    quantized = config.quant is not None
+    bias = config.attention_bias
+    self.q_proj = Dense(d, hq * hd, use_bias=bias, config=config, quantized=quantized, rngs=rngs)
+    self.k_proj = Dense(d, hkv * hd, use_bias=bias, config=config, quantized=quantized,
+                        rngs=rngs)
+    self.v_proj = Dense(d, hkv * hd, use_bias=bias, config=config, quantized=quantized,
+                        rngs=rngs)
+    self.o_proj = Dense(hq * hd, d, use_bias=False, config=config, quantized=quantized,
+                        rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
+
+  def __call__(self, x, cos, sin, mask, kv_write=None):
+    """x [B, T, D] -> [B, T, D]; kv_write(k, v) -> (keys, values) attended over (cache)."""
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    if kv_write is not None:
+      k, v = kv_write(k, v)
+    return self.o_proj(attend(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+
+
+class MLP(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    quantized = config.quant is not None
+    self.gate_proj = Dense(d, f, use_bias=False, config=config, quantized=quantized, rngs=rngs)
+    self.up_proj = Dense(d, f, use_bias=False, config=config, quantized=quantized, rngs=rngs)
+    self.down_proj = Dense(f, d, use_bias=False, config=config, quantized=quantized, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.input_norm = RMSNorm(config.hidden_size, config=config)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, config=config)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, cos, sin, mask, kv_write=None):
+    h = x + self.attn(self.input_norm(x), cos, sin, mask, kv_write)
+    return h + self.mlp(self.post_attn_norm(h))
+
+
+class Llama(nnx.Module):
+  """Llama/Qwen2 decoder. `model(tokens [B, T] int32) -> logits [B, T, V] float32`."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config=config,
+                                  rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config=config)
+    if config.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Dense(config.hidden_size, config.vocab_size, use_bias=False,
+                           config=config.replace(quant=None), quantized=False, rngs=rngs)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    hidden, _ = self.hidden_states(tokens)
+    return self.logits(hidden)
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    table = self.embed_tokens.embedding[...]
+    return jnp.take(table, tokens, axis=0).astype(jnp.dtype(self.config.dtype))
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """Final-normed hidden states [..., D] -> float32 logits [..., V]."""
+    dtype = jnp.dtype(self.config.dtype)
+    if self.lm_head is None:
+      kernel = self.embed_tokens.embedding[...].astype(dtype)
+      return jnp.einsum("...d,vd->...v", hidden.astype(dtype), kernel,
+                        preferred_element_type=jnp.float32)
+    kernel = self.lm_head.kernel[...].astype(dtype)
+    return jnp.einsum("...d,dv->...v", hidden.astype(dtype), kernel,
+                      preferred_element_type=jnp.float32)
+
+  def hidden_states(self, tokens: jax.Array, *, cache: KVCache | None = None,
+                    num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states [B, T, D] of `tokens`, and the updated cache.
+
+    Without a cache: plain causal attention over `tokens` (positions 0..T-1).
+    With a cache: token t of row b sits at position p = cache.lengths[b] + t, is written into
+    the cache there and attends to cache positions <= p. Only the first `num_new[b]`
+    (default T) tokens of row b count: the new lengths are cache.lengths + num_new. Writes
+    past the end of the cache are dropped, so callers size it >= max(lengths) + T.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    x = self.embed(tokens)
+    if cache is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+      cos, sin = rotary_tables(self.config, positions)
+      for layer in self.layers:
+        x = layer(x, cos, sin, mask)
+      return self.final_norm(x), None
+
+    offsets = cache.lengths.astype(jnp.int32)
+    positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    key_pos = jnp.arange(cache.max_len, dtype=jnp.int32)
+    mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    cos, sin = rotary_tables(self.config, positions)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+    keys, values = cache.keys, cache.values
+    for i, layer in enumerate(self.layers):
+      def kv_write(k, v, i=i):
+        nonlocal keys, values
+        # Scatter [B, T, Hkv, hd] into [L, B, S, Hkv, hd] at (i, b, positions[b, t]).
+        keys = keys.at[i, rows, positions].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[i, rows, positions].set(v.astype(values.dtype), mode="drop")
+        return keys[i], values[i]
+      x = layer(x, cos, sin, mask, kv_write)
+    if num_new is None:
+      num_new = jnp.full((b,), t, jnp.int32)
+    new_cache = KVCache(keys=keys, values=values,
+                        lengths=offsets + jnp.asarray(num_new, jnp.int32))
+    return self.final_norm(x), new_cache
+
+
+# ----------------------------------------------------------------------------- functional core
+
+
+def apply(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, *,
+          cache: KVCache | None = None,
+          num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+  """Pure forward: (logits [B, T, V] float32, updated cache or None).
+
+  `graphdef, params = nnx.split(model)` once outside jit; this merges inside the trace.
+  """
+  model = nnx.merge(graphdef, params)
+  hidden, cache = model.hidden_states(tokens, cache=cache, num_new=num_new)
+  return model.logits(hidden), cache
+
+
+def apply_hidden(graphdef: nnx.GraphDef, params: Any, tokens: jax.Array, *,
+                 cache: KVCache | None = None,
+                 num_new: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+  """Pure forward to the final-normed hidden states [B, T, D] (no LM head)."""
+  model = nnx.merge(graphdef, params)
+  return model.hidden_states(tokens, cache=cache, num_new=num_new)
+
+
+def apply_logits(graphdef: nnx.GraphDef, params: Any, hidden: jax.Array) -> jax.Array:
+  """Pure LM head: hidden [..., D] -> float32 logits [..., V]."""
+  return nnx.merge(graphdef, params).logits(hidden)
+
+
+# ----------------------------------------------------------------------------- flat params
+
+
+def flat_param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Dotted parameter names -> shapes, in the model's layout (see the module docstring)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  hd, hq, hkv = config.resolved_head_dim, config.num_heads, config.num_kv_heads
+  shapes: dict[str, tuple[int, ...]] = {"embed_tokens.embedding": (v, d)}
+  for i in range(config.num_layers):
+    p = f"layers.{i}."
+    shapes[p + "input_norm.scale"] = (d,)
+    for name, out in (("q_proj", hq * hd), ("k_proj", hkv * hd), ("v_proj", hkv * hd)):
+      shapes[p + f"attn.{name}.kernel"] = (d, out)
+      if config.attention_bias:
+        shapes[p + f"attn.{name}.bias"] = (out,)
+    shapes[p + "attn.o_proj.kernel"] = (hq * hd, d)
+    shapes[p + "post_attn_norm.scale"] = (d,)
+    shapes[p + "mlp.gate_proj.kernel"] = (d, f)
+    shapes[p + "mlp.up_proj.kernel"] = (d, f)
+    shapes[p + "mlp.down_proj.kernel"] = (f, d)
+  shapes["final_norm.scale"] = (d,)
+  if not config.tie_word_embeddings:
+    shapes["lm_head.kernel"] = (d, v)
+  return shapes
+
+
+def _param_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+  state = nnx.state(model, nnx.Param)
+  return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def get_flat_params(model: Llama) -> dict[str, np.ndarray]:
+  """Dotted parameter names -> host numpy arrays (in the parameter dtype)."""
+  return {name: np.asarray(var[...]) for name, var in _param_variables(model).items()}
+
+
+def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
+  """Assign all parameters from `flat` (dotted names -> arrays), cast to param_dtype.
+
+  Everything is validated before anything is assigned (no partial load).
+
+  Raises:
+    CheckpointError: keys missing from `flat` or not in the model (both listed).
+    ShapeMismatchError: a tensor whose shape differs from the model's.
+  """
+  from qstar_jax.models.errors import CheckpointError, ShapeMismatchError
+
+  variables = _param_variables(model)
+  missing = sorted(set(variables) - set(flat))
+  unexpected = sorted(set(flat) - set(variables))
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing tensors {missing}")
+    if unexpected:
+      parts.append(f"unexpected tensors {unexpected}")
+    raise CheckpointError("parameters do not match the model layout: " + "; ".join(parts))
+  for name, var in variables.items():
+    shape = tuple(np.shape(flat[name]))
+    expected = tuple(var[...].shape)
+    if shape != expected:
+      raise ShapeMismatchError(
+          f"tensor {name} has shape {shape}, the model config expects {expected}")
+  dtype = jnp.dtype(model.config.param_dtype)
+  converted = {name: jnp.asarray(flat[name], dtype=dtype) for name in variables}
+  for name, var in variables.items():
+    var[...] = converted[name]

@@ -14,8 +14,18 @@ from qstar_jax.models.llama import (  # noqa: E402
   get_flat_params,
   set_flat_params,
 )
+from qstar_jax.models.heads import (  # noqa: E402
+  PolicyValue,
+  ValueHead,
+  policy_value_apply,
+  value_apply,
+)
 
 __all__ += [
+  "PolicyValue",
+  "ValueHead",
+  "policy_value_apply",
+  "value_apply",
   "LlamaConfig",
   "get_config",
   "preset_names",

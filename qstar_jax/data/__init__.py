@@ -1,3 +1,5 @@
-"""qstar_jax.data."""
+"""qstar_jax.data: data locations, GSM8K, tiny Shakespeare, tfds builders, grain pipelines."""
 
-__all__: list[str] = []
+from qstar_jax.data.paths import cache_dir, data_dir, data_file
+
+__all__ = ["cache_dir", "data_dir", "data_file"]

@@ -1,3 +1,37 @@
-"""qstar_jax.training."""
+"""qstar_jax.training: configs, metrics, progress, checkpoints, results, optimizers, train loop."""
 
-__all__: list[str] = []
+from qstar_jax.training.checkpoint import (
+  CheckpointConfigMismatchError,
+  CheckpointManager,
+  abstract_like,
+  load_model,
+  save_model,
+)
+from qstar_jax.training.config import (
+  ConfigError,
+  config_from_dict,
+  config_to_dict,
+  parse_config,
+)
+from qstar_jax.training.metrics import MetricsWriter, read_metrics
+from qstar_jax.training.progress import PhaseTimer, progress
+from qstar_jax.training.results import markdown_table, save_plot, write_results
+
+__all__ = [
+  "CheckpointConfigMismatchError",
+  "CheckpointManager",
+  "ConfigError",
+  "MetricsWriter",
+  "PhaseTimer",
+  "abstract_like",
+  "config_from_dict",
+  "config_to_dict",
+  "load_model",
+  "markdown_table",
+  "parse_config",
+  "progress",
+  "read_metrics",
+  "save_model",
+  "save_plot",
+  "write_results",
+]

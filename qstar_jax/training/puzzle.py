@@ -1,0 +1,224 @@
+"""Training puzzle heuristics: deep approximate value iteration (V, for A*) and deep Q-learning
+(Q, for Q*), on backward scrambles of the goal.
+
+Every step draws ``batch_size`` states scrambled ``1..max_scramble_depth`` random base moves from
+the goal and regresses the network onto Bellman targets computed with a frozen target network:
+``V``: ``y = min_a [c(a) + V_target(next(s, a))]``; ``Q``: ``y(s, a) = c(a) +
+min_a' q_target(next(s, a), a')`` (0 beyond a goal; see ``qstar_jax.losses.dqn``). For large action
+spaces (the cube's 1,884 actions) each state gets targets for ``sampled_actions`` uniformly drawn
+actions only (one target-network call per (state, action)), the other outputs get no gradient.
+The target network is refreshed with the online one when the mean loss of the last
+``target_check_every`` steps falls below ``target_loss_threshold``, or after
+``target_update_every`` steps, whichever comes first (DeepCubeA's rule plus a cap).
+
+Steps run ``target_check_every`` at a time in one jitted ``lax.scan``; the data of step ``t`` is a
+function of ``(seed, t)`` only, so a resumed run reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qstar_jax.envs import make_env
+from qstar_jax.envs.puzzle import PuzzleEnv
+from qstar_jax.losses.dqn import q_learning_targets, squared_td_error, value_iteration_targets
+from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class NetSizes:
+  hidden_1: int = 5000
+  hidden_2: int = 1000
+  num_blocks: int = 4
+  layer_norm: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PuzzleTrainConfig:
+  domain: str = "puzzle15"  # cube3 | puzzle8 | puzzle15 | puzzle24
+  actions: int = 0  # 0: the domain's base moves; cube3: 12 or 1884
+  head: str = "value"  # value (V for A*) | q (per-action Q for Q*)
+  net: NetSizes = NetSizes()
+  batch_size: int = 1000
+  max_scramble_depth: int = 30
+  steps: int = 10_000
+  learning_rate: float = 1e-3
+  lr_decay_rate: float = 0.1  # multiplied into the learning rate over ``steps`` (exponential)
+  sampled_actions: int = 0  # Q head: actions with a target per state; 0 = all
+  target_update_every: int = 1000
+  target_loss_threshold: float = 0.05
+  target_check_every: int = 50
+  checkpoint_every: int = 500
+  seed: int = 0
+  out: str = ""
+
+
+def env_for(cfg: PuzzleTrainConfig) -> PuzzleEnv:
+  return make_env(cfg.domain, cfg.actions or None)
+
+
+def net_config_for(cfg: PuzzleTrainConfig, env: PuzzleEnv) -> PuzzleNetConfig:
+  if cfg.head not in ("value", "q"):
+    raise ValueError(f"head must be 'value' or 'q', got {cfg.head!r}")
+  return PuzzleNetConfig(input_dim=env.input_dim,
+                         num_outputs=1 if cfg.head == "value" else env.num_actions,
+                         hidden_1=cfg.net.hidden_1, hidden_2=cfg.net.hidden_2,
+                         num_blocks=cfg.net.num_blocks, layer_norm=cfg.net.layer_norm)
+
+
+def _check(cfg: PuzzleTrainConfig, env: PuzzleEnv) -> None:
+  for name in ("batch_size", "max_scramble_depth", "steps", "target_check_every",
+               "target_update_every", "checkpoint_every"):
+    if getattr(cfg, name) <= 0:
+      raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+  if cfg.sampled_actions < 0 or cfg.sampled_actions > env.num_actions:
+    raise ValueError(f"sampled_actions must be in 0..{env.num_actions}, got {cfg.sampled_actions}")
+  if not cfg.out:
+    raise ValueError("out=DIR is required")
+
+
+def make_optimizer(cfg: PuzzleTrainConfig) -> optax.GradientTransformation:
+  schedule = optax.exponential_decay(cfg.learning_rate, transition_steps=cfg.steps,
+                                     decay_rate=cfg.lr_decay_rate)
+  return optax.adam(schedule)
+
+
+def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef,
+                  optimizer: optax.GradientTransformation):
+  """``chunk(train_state, base_key) -> (train_state, losses [target_check_every])``, jitted."""
+  apply = lambda params, states: nnx.merge(graphdef, params)(env.encode(states))  # noqa: E731
+  num_actions = env.num_actions
+  m = cfg.sampled_actions or num_actions
+
+  def loss_fn(params, target_params, key):
+    key_s, key_a = jax.random.split(key)
+    states, _ = env.scramble(key_s, num_states=cfg.batch_size, max_depth=cfg.max_scramble_depth)
+    if cfg.head == "value":
+      y = value_iteration_targets(target_params, states, env=env, value_fn=apply)
+      return jnp.mean(squared_td_error(apply(params, states), y))
+    if m == num_actions:
+      actions = jnp.broadcast_to(jnp.arange(num_actions), (cfg.batch_size, num_actions))
+    else:
+      actions = jax.random.randint(key_a, (cfg.batch_size, m), 0, num_actions)
+    y = q_learning_targets(target_params, states, actions, env=env, q_fn=apply)
+    q = jnp.take_along_axis(apply(params, states), actions, axis=1)
+    # A move off the n-puzzle board is a self-loop whose target would bootstrap on itself: skip.
+    valid = jnp.take_along_axis(env.valid_action_mask(states), actions, axis=1)
+    err = squared_td_error(q, y)
+    return jnp.sum(jnp.where(valid, err, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+  def one_step(carry, _):
+    params, target_params, opt_state, step, base_key = carry
+    key = jax.random.fold_in(base_key, step)
+    loss, grads = jax.value_and_grad(loss_fn)(params, target_params, key)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, target_params, opt_state, step + 1, base_key), loss
+
+  @jax.jit
+  def chunk(state: dict, base_key: jax.Array):
+    carry = (state["params"], state["target_params"], state["opt_state"], state["step"], base_key)
+    carry, losses = jax.lax.scan(one_step, carry, None, length=cfg.target_check_every)
+    params, _, opt_state, step, _ = carry
+    return dict(state, params=params, opt_state=opt_state, step=step), losses
+
+  return chunk
+
+
+def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
+  """Trains, checkpoints (resumable from ``out/checkpoints``), exports ``out/model``.
+
+  Returns a summary dict (final loss, steps, target updates, seconds).
+  """
+  from qstar_jax.training.checkpoint import CheckpointManager, save_model
+  from qstar_jax.training.config import config_to_dict
+  from qstar_jax.training.metrics import MetricsWriter
+  from qstar_jax.training.progress import progress
+
+  env = env_for(cfg)
+  _check(cfg, env)
+  out = pathlib.Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  net_cfg = net_config_for(cfg, env)
+  model = PuzzleNet(net_cfg, rngs=nnx.Rngs(cfg.seed))
+  graphdef, params = nnx.split(model)
+  optimizer = make_optimizer(cfg)
+  state = {"params": params, "target_params": params, "opt_state": optimizer.init(params),
+           "step": jnp.zeros((), jnp.int32), "last_target_update": jnp.zeros((), jnp.int32),
+           "target_updates": jnp.zeros((), jnp.int32)}
+  manager = CheckpointManager(out / "checkpoints", config=config_to_dict(cfg),
+                              ignore_keys=("out", "steps", "checkpoint_every"))
+  start = manager.latest_step()
+  if start is not None:
+    state = manager.restore(start, target=state)
+    log(f"resumed from step {start}")
+  chunk = make_chunk_fn(cfg, env, graphdef, optimizer)
+  base_key = jax.random.key(cfg.seed)
+  step = int(state["step"])
+  num_chunks = -(-(cfg.steps - step) // cfg.target_check_every)
+  t0 = time.time()
+  loss = float("nan")
+  with MetricsWriter(out) as writer:
+    bar = progress(total=cfg.steps, initial=step, desc=f"{env.name}/{cfg.head}", unit="step")
+    for _ in range(max(num_chunks, 0)):
+      state, losses = chunk(state, base_key)
+      step = int(state["step"])
+      loss = float(jnp.mean(losses))
+      since = step - int(state["last_target_update"])
+      refreshed = loss < cfg.target_loss_threshold or since >= cfg.target_update_every
+      if refreshed:
+        state = dict(state, target_params=state["params"],
+                     last_target_update=jnp.asarray(step, jnp.int32),
+                     target_updates=state["target_updates"] + 1)
+      writer.write(step, {"loss": loss, "target_updates": float(state["target_updates"]),
+                          "target_refreshed": float(refreshed)})
+      bar.update(cfg.target_check_every)
+      bar.set_postfix(loss=f"{loss:.4f}", targets=int(state["target_updates"]))
+      if step % cfg.checkpoint_every < cfg.target_check_every or step >= cfg.steps:
+        manager.save(step, state)
+    bar.close()
+  manager.close()
+  model = nnx.merge(graphdef, state["params"])
+  save_model(out / "model", model, config=net_cfg, overwrite=True)
+  summary = {"domain": env.name, "head": cfg.head, "steps": step, "final_loss": loss,
+             "target_updates": int(state["target_updates"]), "seconds": time.time() - t0,
+             "num_params": int(sum(x.size for x in jax.tree.leaves(state["params"])))}
+  (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+  log(json.dumps(summary))
+  return summary
+
+
+def load_puzzle_net(path: str | pathlib.Path) -> PuzzleNet:
+  """Loads a network exported by ``train_puzzle`` (``out/model``)."""
+  from qstar_jax.training.checkpoint import load_model
+
+  return load_model(path, model_cls=PuzzleNet)
+
+
+def evaluate_greedy(apply_fn, params, env: PuzzleEnv, states: np.ndarray, *,
+                    max_steps: int) -> np.ndarray:
+  """Fraction-free helper: solves by following argmin_a [c(a) + V(next)] (or argmin q) greedily;
+  returns per-state solved bools. Used for quick training diagnostics."""
+  s = jnp.asarray(states)
+
+  @functools.partial(jax.jit)
+  def run(s):
+    def body(i, s):
+      out = apply_fn(params, env.next_states(s).reshape(-1, env.state_dim))
+      v = out.reshape(s.shape[0], env.num_actions) + jnp.asarray(env.action_costs)
+      a = jnp.argmin(jnp.where(env.valid_action_mask(s), v, jnp.inf), axis=-1)
+      return jnp.where(env.is_goal(s)[:, None], s, env.step(s, a))
+    return env.is_goal(jax.lax.fori_loop(0, max_steps, body, s))
+
+  return np.asarray(run(s))

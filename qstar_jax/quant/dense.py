@@ -9,16 +9,7 @@ from qstar_jax.quant.config import QuantConfig
 from qstar_jax.quant.hadamard import effective_block, hadamard
 from qstar_jax.quant.quest import quantize_rotated
 
-__all__ = ["fake_quant_dense", "rotate_and_quantize"]
-
-
-def rotate_and_quantize(
-  x: jax.Array, bits: int | None, cfg: QuantConfig, block: int
-) -> jax.Array:
-  """`q(x H)` per row of the last axis (float32), or just `x H` when bits is None."""
-  if bits is None:
-    return hadamard(x.astype(jnp.float32), block)
-  return quantize_rotated(x, bits, block, cfg.method, cfg.trust_factor)
+__all__ = ["fake_quant_dense"]
 
 
 def fake_quant_dense(x: jax.Array, kernel: jax.Array, cfg: QuantConfig) -> jax.Array:
@@ -26,8 +17,11 @@ def fake_quant_dense(x: jax.Array, kernel: jax.Array, cfg: QuantConfig) -> jax.A
 
   Activations are quantized per row (token) and weights per output column of `kernel` (row n
   of the HF weight), both after the same block Hadamard along the contraction axis K, so
-  without quantization `(x H)(W H)^T = x W^T = x @ kernel`. The grid math runs in float32;
-  the matmul runs in x's dtype (bf16 compute stays bf16) with float32 accumulation.
+  without quantization `(x H)(W H)^T = x W^T = x @ kernel`. The grid math runs in float32.
+  With both operands quantized the matmul multiplies the levels' odd integers
+  `m = q / (D/2)` (exact in bf16 and float32, float32 accumulation) and scales the result by
+  `(D_x/2)(D_w/2)` afterwards: the same numbers as the integer kernels, and cheap in bf16.
+  Otherwise the matmul runs in x's dtype with float32 accumulation.
 
   Args:
     x: [..., K] activations.
@@ -47,7 +41,22 @@ def fake_quant_dense(x: jax.Array, kernel: jax.Array, cfg: QuantConfig) -> jax.A
   if cfg.w_bits is None and cfg.a_bits is None:
     return jnp.dot(x, kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
   block = effective_block(k, cfg.hadamard_block)
-  xq = rotate_and_quantize(x, cfg.a_bits, cfg, block).astype(dtype)
-  wq = rotate_and_quantize(kernel.T, cfg.w_bits, cfg, block).astype(dtype)  # [N, K]
-  y = jnp.einsum("...k,nk->...n", xq, wq, preferred_element_type=jnp.float32)
+  if cfg.w_bits is not None and cfg.a_bits is not None:
+    m_x, h_x = quantize_rotated(x, cfg.a_bits, block, cfg.method, cfg.trust_factor)
+    m_w, h_w = quantize_rotated(kernel.T, cfg.w_bits, block, cfg.method, cfg.trust_factor)
+    acc = jnp.einsum("...k,nk->...n", m_x.astype(dtype), m_w.astype(dtype),
+                     preferred_element_type=jnp.float32)
+    return (acc * h_x * h_w[:, 0]).astype(dtype)
+  if cfg.a_bits is not None:
+    m_x, h_x = quantize_rotated(x, cfg.a_bits, block, cfg.method, cfg.trust_factor)
+    xq = m_x * h_x
+  else:
+    xq = hadamard(x.astype(jnp.float32), block)
+  if cfg.w_bits is not None:
+    m_w, h_w = quantize_rotated(kernel.T, cfg.w_bits, block, cfg.method, cfg.trust_factor)
+    wq = m_w * h_w
+  else:
+    wq = hadamard(kernel.T.astype(jnp.float32), block)
+  y = jnp.einsum("...k,nk->...n", xq.astype(dtype), wq.astype(dtype),
+                 preferred_element_type=jnp.float32)
   return y.astype(dtype)

@@ -3,7 +3,7 @@
 Forward (per row of the last axis, after the block Hadamard `x_h = x H`):
 
   sigma = sqrt(mean(x_h^2))  (no gradient),   s = alpha_b sigma,   D = 2 s / (2^b - 1),
-  q = round(clip(x_h, -s, s) / D + 1/2) D - D/2.
+  q = round(clip(x_h, -s, s) / D + 1/2) D - D/2     (ties rounded up).
 
 Backward (QuEST's trust estimator): `M = 1[|q - x_h| <= T sigma]` with `T = alpha_b/(2^b - 1)`
 (half a step) by default, and through the Hadamard `dL/dx = ((g H) * M) H^T`, where g is the
@@ -36,6 +36,15 @@ __all__ = [
 _EPS = 1e-12
 
 
+def _round_index(x_h: jax.Array, s: jax.Array, step: jax.Array) -> jax.Array:
+  """`round(clip(x_h, -s, s) / D + 1/2)` with ties rounded up, as `floor(clip / D + 1)`.
+
+  Ties (x_h an exact multiple of D, e.g. x_h = 0) go up in every implementation here (the
+  Pallas kernels use the same floor expression, and Triton has no round-to-nearest-even).
+  """
+  return jnp.floor(jnp.clip(x_h, -s, s) / step + 1.0)
+
+
 def grid_quantize(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Forward grid of QuEST on already-rotated values, per row of the last axis.
 
@@ -47,7 +56,7 @@ def grid_quantize(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.
   sigma = jax.lax.stop_gradient(jnp.maximum(sigma, _EPS))
   s = gaussian_mse_scale(bits) * sigma
   step = 2.0 * s / (2**bits - 1)
-  q = jnp.round(jnp.clip(x_h, -s, s) / step + 0.5) * step - 0.5 * step
+  q = (_round_index(x_h, s, step) - 0.5) * step
   return q, sigma, s
 
 
@@ -61,7 +70,7 @@ def quantize_codes(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
   sigma = jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True)), _EPS)
   s = gaussian_mse_scale(bits) * sigma
   step = 2.0 * s / (2**bits - 1)
-  r = jnp.round(jnp.clip(x_h, -s, s) / step + 0.5)
+  r = _round_index(x_h, s, step)
   codes = (r + (2 ** (bits - 1) - 1)).astype(jnp.uint8)
   return codes, step
 
@@ -70,37 +79,57 @@ def _trust_radius(bits: int, trust_factor: float | None) -> float:
   return gaussian_mse_scale(bits) / (2**bits - 1) if trust_factor is None else float(trust_factor)
 
 
+def _odd_grid(x_h: jax.Array, bits: int):
+  """(m, half_step, sigma, s): q = m * half_step with m = 2r - 1 an odd integer (as float32)."""
+  x_h = x_h.astype(jnp.float32)
+  sigma = jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True))
+  sigma = jax.lax.stop_gradient(jnp.maximum(sigma, _EPS))
+  s = gaussian_mse_scale(bits) * sigma
+  step = 2.0 * s / (2**bits - 1)
+  m = 2.0 * _round_index(x_h, s, step) - 1.0
+  return m, 0.5 * step, sigma, s
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
 def quantize_rotated(
   x: jax.Array, bits: int, block: int, method: str, trust_factor: float | None
-) -> jax.Array:
-  """Rotate and quantize: returns `q(x H)` (in the rotated basis), float32 [..., K].
+) -> tuple[jax.Array, jax.Array]:
+  """Rotate and quantize in integer form: `q(x H) = m * h` per row of the last axis.
 
-  The single custom_vjp of QuEST. Its cotangent `g_h` (with respect to the rotated output)
-  maps back as `dL/dx = (g_h * M) H^T` with M the trust mask ("quest"), `|x_h| <= s`
-  ("clip_ste") or 1 ("ste"). `quest_quantize` de-rotates (`q H^T`), which gives the full
-  `((g H) * M) H^T`; `fake_quant_dense` keeps both operands rotated and skips that step.
+  The single custom_vjp of QuEST. Returns (m [..., K], h [..., 1]), float32: m = 2r - 1 the
+  odd integer of the level (|m| <= 2^b - 1, exact in float32 and bfloat16) and h = D/2 the
+  half step (no gradient). A matmul of two such operands `(m_x @ m_w^T) h_x h_w^T` is then
+  an exact integer product scaled in the epilogue, bit for bit what the integer kernels of
+  `qstar_jax.kernels` compute.
+
+  Backward: with the rotated-domain cotangent `g_h = g_m / h` (the cotangent of q),
+  `dL/dx = (g_h * M) H^T` with M the trust mask `|q - x_h| <= T sigma` ("quest"),
+  `|x_h| <= s` ("clip_ste") or 1 ("ste"). `quest_quantize` de-rotates `q H^T`, which gives
+  QuEST's `((g H) * M) H^T`.
   """
   x_h = hadamard(x.astype(jnp.float32), block)
-  return grid_quantize(x_h, bits)[0]
+  m, half_step, _, _ = _odd_grid(x_h, bits)
+  return m, half_step
 
 
 def _quantize_rotated_fwd(x, bits, block, method, trust_factor):
   x_h = hadamard(x.astype(jnp.float32), block)
-  q, sigma, s = grid_quantize(x_h, bits)
+  m, half_step, sigma, s = _odd_grid(x_h, bits)
   if method == "quest":
-    mask = jnp.abs(q - x_h) <= _trust_radius(bits, trust_factor) * sigma
+    mask = jnp.abs(m * half_step - x_h) <= _trust_radius(bits, trust_factor) * sigma
   elif method == "clip_ste":
     mask = jnp.abs(x_h) <= s
   elif method == "ste":
     mask = None
   else:
     raise ValueError(f"quantizer method={method!r}: expected 'quest', 'ste' or 'clip_ste'")
-  return q, (mask, jnp.zeros((), x.dtype))
+  return (m, half_step), (mask, half_step, jnp.zeros((), x.dtype))
 
 
-def _quantize_rotated_bwd(bits, block, method, trust_factor, res, g_h):
-  mask, dtype_token = res
+def _quantize_rotated_bwd(bits, block, method, trust_factor, res, cotangents):
+  mask, half_step, dtype_token = res
+  g_m, _ = cotangents  # the half step carries no gradient (sigma is a constant)
+  g_h = g_m / half_step  # dL/dq = dL/dm * dm/dq with m = q / h
   if mask is not None:
     g_h = jnp.where(mask, g_h, 0.0)
   # H_b is symmetric, so H^T is the same block transform.
@@ -132,17 +161,19 @@ def quest_quantize(
     [..., K] in x's dtype: the de-rotated quantized values. Gradient `((g H) * M) H^T`.
   """
   _check(x, bits, block)
-  q = quantize_rotated(x, bits, block, "quest", trust_factor)
-  return hadamard(q, block).astype(x.dtype)
+  m, half_step = quantize_rotated(x, bits, block, "quest", trust_factor)
+  return hadamard(m * half_step, block).astype(x.dtype)
 
 
 def ste_quantize(x: jax.Array, bits: int, *, block: int = 128) -> jax.Array:
   """Same forward as `quest_quantize`, straight-through (identity) gradient: `dL/dx = g`."""
   _check(x, bits, block)
-  return hadamard(quantize_rotated(x, bits, block, "ste", None), block).astype(x.dtype)
+  m, half_step = quantize_rotated(x, bits, block, "ste", None)
+  return hadamard(m * half_step, block).astype(x.dtype)
 
 
 def clip_ste_quantize(x: jax.Array, bits: int, *, block: int = 128) -> jax.Array:
   """Same forward as `quest_quantize`, gradient `((g H) * 1[|x_h| <= s]) H^T`."""
   _check(x, bits, block)
-  return hadamard(quantize_rotated(x, bits, block, "clip_ste", None), block).astype(x.dtype)
+  m, half_step = quantize_rotated(x, bits, block, "clip_ste", None)
+  return hadamard(m * half_step, block).astype(x.dtype)

@@ -41,6 +41,7 @@ __all__ += [
 
 # Tokenizers and errors (loading helper).
 from qstar_jax.models import errors  # noqa: E402
+from qstar_jax.models.loading import load_pretrained  # noqa: E402
 from qstar_jax.models.tokenizer import (  # noqa: E402
   GGUFTokenizer,
   HFTokenizer,
@@ -51,6 +52,7 @@ from qstar_jax.models.tokenizer import (  # noqa: E402
 
 __all__ += [
   "errors",
+  "load_pretrained",
   "GGUFTokenizer",
   "HFTokenizer",
   "SentencePieceTokenizer",

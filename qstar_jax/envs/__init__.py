@@ -2,6 +2,7 @@
 
 from qstar_jax.envs.cube import Cube3, cube3
 from qstar_jax.envs.data import load_deepcubea
+from qstar_jax.envs.grading import answers_match, extract_final_number, normalize_number
 from qstar_jax.envs.npuzzle import NPuzzle, npuzzle
 from qstar_jax.envs.puzzle import PuzzleEnv
 
@@ -21,4 +22,8 @@ def make_env(domain: str, actions: int | None = None) -> PuzzleEnv:
   raise ValueError(f"unknown domain {domain!r}; expected one of cube3, puzzle8, puzzle15, puzzle24")
 
 
-__all__ = ["Cube3", "NPuzzle", "PuzzleEnv", "cube3", "load_deepcubea", "make_env", "npuzzle"]
+__all__ = [
+  "answers_match",
+  "extract_final_number",
+  "normalize_number",
+  "Cube3", "NPuzzle", "PuzzleEnv", "cube3", "load_deepcubea", "make_env", "npuzzle"]

@@ -60,6 +60,7 @@ class PuzzleTrainConfig:
   target_loss_threshold: float = 0.05
   target_check_every: int = 50
   checkpoint_every: int = 500
+  max_seconds: float = 0.0  # > 0: stop (checkpoint + export) after this much wall time
   seed: int = 0
   out: str = ""
 
@@ -158,7 +159,7 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
            "step": jnp.zeros((), jnp.int32), "last_target_update": jnp.zeros((), jnp.int32),
            "target_updates": jnp.zeros((), jnp.int32)}
   manager = CheckpointManager(out / "checkpoints", config=config_to_dict(cfg),
-                              ignore_keys=("out", "steps", "checkpoint_every"))
+                              ignore_keys=("out", "steps", "checkpoint_every", "max_seconds"))
   start = manager.latest_step()
   if start is not None:
     state = manager.restore(start, target=state)
@@ -185,8 +186,13 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
                           "target_refreshed": float(refreshed)})
       bar.update(cfg.target_check_every)
       bar.set_postfix(loss=f"{loss:.4f}", targets=int(state["target_updates"]))
-      if step % cfg.checkpoint_every < cfg.target_check_every or step >= cfg.steps:
+      out_of_time = cfg.max_seconds > 0 and time.time() - t0 > cfg.max_seconds
+      if (step % cfg.checkpoint_every < cfg.target_check_every or step >= cfg.steps
+          or out_of_time):
         manager.save(step, state)
+      if out_of_time:
+        log(f"max_seconds={cfg.max_seconds} reached at step {step}")
+        break
     bar.close()
   manager.close()
   model = nnx.merge(graphdef, state["params"])

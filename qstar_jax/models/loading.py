@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from qstar_jax.models.config import LlamaConfig
-from qstar_jax.models.errors import CheckpointError, PromptError, ShapeMismatchError
+from qstar_jax.models.errors import CheckpointError, ShapeMismatchError
 
-__all__ = ["load_pretrained", "model_from_flat", "validate_prompt"]
+__all__ = ["load_pretrained", "model_from_flat"]
 
 
 def model_from_flat(config: LlamaConfig, flat: Mapping[str, Any]):
@@ -72,30 +72,6 @@ def model_from_flat(config: LlamaConfig, flat: Mapping[str, Any]):
     for (path, var), name in zip(flat_state, names, strict=True)
   ]
   return nnx.merge(graphdef, nnx.from_flat_state(filled))
-
-
-def validate_prompt(ids: Sequence[int] | np.ndarray, config: LlamaConfig, *,
-                    max_new_tokens: int = 0) -> None:  # fmt: skip
-  """Checks one prompt before decoding.
-
-  Raises:
-    PromptError: the prompt is empty, holds ids outside [0, vocab_size), or
-      len(prompt) + max_new_tokens exceeds config.max_position_embeddings.
-  """
-  ids = np.asarray(ids)
-  if ids.size == 0:
-    raise PromptError("prompt is empty (0 tokens); decoding needs at least one prompt token")
-  n = int(ids.shape[-1])
-  if n + max_new_tokens > config.max_position_embeddings:
-    raise PromptError(
-      f"prompt has {n} tokens (+ {max_new_tokens} new) but the model's context is "
-      f"max_position_embeddings={config.max_position_embeddings}"
-    )
-  bad = ids[(ids < 0) | (ids >= config.vocab_size)]
-  if bad.size:
-    raise PromptError(
-      f"prompt holds token id {int(bad.flat[0])} outside the vocabulary [0, {config.vocab_size})"
-    )
 
 
 def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):

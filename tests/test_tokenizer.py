@@ -1,12 +1,15 @@
 """Tokenizers: SentencePiece training round trips, HF tokenizer.json, GGUF byte-level BPE."""
 
+import json
 import pathlib
 
 import pytest
 
 from qstar_jax.models.tokenizer import (
+  HFTokenizer,
   SentencePieceTokenizer,
   Tokenizer,
+  render_chat_template,
   train_sentencepiece,
 )
 
@@ -99,3 +102,64 @@ def test_train_sentencepiece_from_files_is_deterministic(tmp_path):
   assert a.decode(a.encode(sample)) == sample
   with pytest.raises(ValueError, match="vocab_size=100"):
     train_sentencepiece(text, vocab_size=100, model_prefix=tmp_path / "c")
+
+
+# ------------------------------------------------------------------ HF tokenizer.json
+
+
+@pytest.fixture(scope="module")
+def hf_reference():
+  directory = FIXTURES / "hf_llama_tied"
+  return HFTokenizer(directory), json.loads((directory / "tokenizer_reference.json").read_text())
+
+
+def test_hf_tokenizer_ids_match_transformers(hf_reference):
+  tok, ref = hf_reference
+  assert isinstance(tok, Tokenizer)
+  for text, ids, decoded in zip(ref["texts"], ref["ids"], ref["decoded"], strict=True):
+    assert tok.encode(text) == ids
+    assert tok.decode(ids) == decoded
+  assert tok.encode(ref["texts"][0], add_bos=True) == [ref["bos_id"], *ref["ids"][0]]
+  assert tok.vocab_size == ref["vocab_size"]
+
+
+def test_hf_chat_template_matches_transformers(hf_reference):
+  tok, ref = hf_reference
+  assert tok.apply_chat_template(ref["messages"]) == ref["chat"]
+  assert (
+    tok.apply_chat_template(ref["messages"], add_generation_prompt=False)
+    == ref["chat_no_generation_prompt"]
+  )
+  assert tok.apply_chat_template(ref["messages_with_system"]) == ref["chat_with_system"]
+  assert tok.encode(ref["chat"]) == ref["chat_ids"]  # special tokens stay whole
+  # The template's raise_exception reaches the caller.
+  import jinja2
+
+  with pytest.raises(jinja2.exceptions.TemplateError, match="unknown role tool"):
+    tok.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_hf_tokenizer_reads_v4_style_template_from_config(tmp_path, hf_reference):
+  """transformers v4 kept chat_template inside tokenizer_config.json (v5: chat_template.jinja)."""
+  import shutil
+
+  _, ref = hf_reference
+  src = FIXTURES / "hf_llama_tied"
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(src / name, tmp_path / name)
+  config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+  config["chat_template"] = (src / "chat_template.jinja").read_text()
+  config["bos_token"] = {"content": "<s>", "special": True}  # v4 AddedToken dict form
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = HFTokenizer(tmp_path / "tokenizer.json")
+  assert tok.apply_chat_template(ref["messages"]) == ref["chat"]
+  assert tok.bos_id == ref["bos_id"]
+
+
+def test_render_chat_template_tojson_and_namespace():
+  template = (
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+    "{{ m | tojson }}{% endfor %}{{ ns.n }}"
+  )
+  out = render_chat_template(template, [{"role": "user", "content": "<a & b>"}])
+  assert out == '{"role": "user", "content": "<a & b>"}1'  # no HTML escaping

@@ -139,6 +139,8 @@ def prepare_builder(
     pathlib.Path(manual_dir) if manual_dir is not None else data_dir() / _MANUAL_SUBDIR[builder_cls]
   )
   builder = builder_cls(data_dir=str(tfds_dir), file_format="array_record")
+  if not builder.is_prepared():
+    tfds.display_progress_bar(False)  # one-off preparation: keep logs short
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
   )

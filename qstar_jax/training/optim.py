@@ -29,7 +29,7 @@ __all__ = ["OptimizerConfig", "lr_schedule", "make_optimizer", "decay_mask"]
 class OptimizerConfig:
   lr: float = 3e-4
   warmup_steps: int = 100
-  total_steps: int = 1000      # schedule length (usually the run's num_steps)
+  total_steps: int | None = None  # schedule length; None: the run's num_steps (given to make_optimizer)
   schedule: Literal["cosine", "linear", "constant"] = "cosine"
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.1
@@ -39,18 +39,24 @@ class OptimizerConfig:
   grad_clip_norm: float | None = 1.0   # global-norm clipping; None disables
 
 
-def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
-  """The learning-rate schedule of ``cfg`` (see the module docstring)."""
+def lr_schedule(cfg: OptimizerConfig, *, total_steps: int | None = None) -> optax.Schedule:
+  """The learning-rate schedule of ``cfg`` (see the module docstring).
+
+  ``total_steps`` is used when ``cfg.total_steps`` is None.
+  """
+  total = cfg.total_steps if cfg.total_steps is not None else total_steps
+  if total is None:
+    raise ValueError("OptimizerConfig.total_steps is None: pass total_steps= (the run's steps)")
   if cfg.lr <= 0:
     raise ValueError(f"OptimizerConfig.lr={cfg.lr}: expected > 0")
-  if cfg.warmup_steps < 0 or cfg.total_steps < 1:
+  if cfg.warmup_steps < 0 or total < 1:
     raise ValueError(
-      f"OptimizerConfig warmup_steps={cfg.warmup_steps}, total_steps={cfg.total_steps}: "
+      f"OptimizerConfig warmup_steps={cfg.warmup_steps}, total_steps={total}: "
       "expected warmup_steps >= 0 and total_steps >= 1"
     )
   peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
   warmup = max(cfg.warmup_steps, 0)
-  decay_steps = max(cfg.total_steps - warmup, 1)
+  decay_steps = max(total - warmup, 1)
 
   def schedule(step):
     t = jnp.asarray(step, jnp.float32)
@@ -74,14 +80,16 @@ def decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(
+  cfg: OptimizerConfig, *, total_steps: int | None = None
+) -> optax.GradientTransformation:
   """``clip_by_global_norm -> adamw(schedule, weight decay on matrices)``."""
   parts = []
   if cfg.grad_clip_norm is not None:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts.append(
     optax.adamw(
-      lr_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+      lr_schedule(cfg, total_steps=total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
       mask=decay_mask,
     )
   )

@@ -117,6 +117,9 @@ def test_grain_and_python_give_same_batches_and_resume():
     np.testing.assert_array_equal(x, y)
   endless = pipeline.iterate_batches(windows, batch_size=4, seed=1, start_step=29)
   np.testing.assert_array_equal(next(endless), py[29])
+  shards = [next(pipeline.iterate_batches(windows, batch_size=4, seed=1, start_step=5, shard=(i, 2)))
+            for i in range(2)]
+  np.testing.assert_array_equal(np.concatenate(shards), py[5])  # process shards tile the batch
   dict_src = [{"x": np.array([i]), "y": np.array(2 * i)} for i in range(10)]
   batch = pipeline.batch_at(dict_src, 0, batch_size=3, seed=0, shuffle=False)
   np.testing.assert_array_equal(batch["x"], [[0], [1], [2]])

@@ -104,10 +104,23 @@ def batch_at(
   seed: int,
   shuffle: bool = True,
   collate: Callable[[Sequence[Any]], Any] = _stack,
+  shard: tuple[int, int] | None = None,
 ) -> Any:
-  """Batch ``step`` of ``source`` (stacked along a new leading axis)."""
+  """Batch ``step`` of ``source`` (stacked along a new leading axis).
+
+  ``shard=(index, count)``: this process's contiguous ``batch_size / count`` rows of the
+  global batch (multi-host data parallelism: ``(jax.process_index(), jax.process_count())``).
+  """
   idx = batch_indices(step, batch_size=batch_size, num_examples=len(source), seed=seed,
                       shuffle=shuffle)
+  if shard is not None:
+    index, count = shard
+    if batch_size % count or not 0 <= index < count:
+      raise ValueError(
+        f"shard={shard}: expected 0 <= index < count and batch_size={batch_size} divisible by count"
+      )
+    per = batch_size // count
+    idx = idx[index * per : (index + 1) * per]
   return collate([source[int(i)] for i in idx])
 
 
@@ -123,6 +136,7 @@ def iterate_batches(
   backend: str = "auto",
   num_threads: int = 2,
   prefetch: int = 8,
+  shard: tuple[int, int] | None = None,
 ) -> Iterator[Any]:
   """Batches ``start_step, start_step + 1, ...`` of ``source`` (``num_steps`` of them, or forever).
 
@@ -137,13 +151,14 @@ def iterate_batches(
     backend: ``"grain"`` (``grain.MapDataset`` + prefetch threads), ``"python"`` (plain loop),
       or ``"auto"`` (grain when installed).
     num_threads / prefetch: grain read options.
+    shard: ``(index, count)``: yield only this shard's rows of each global batch (see batch_at).
   """
   if backend not in ("auto", "grain", "python"):
     raise ValueError(f"backend={backend!r}: expected 'auto', 'grain' or 'python'")
   if backend == "auto":
     backend = "grain" if grain_available() else "python"
   make = functools.partial(batch_at, source, batch_size=batch_size, seed=seed, shuffle=shuffle,
-                           collate=collate)
+                           collate=collate, shard=shard)
   if backend == "python":
     step = start_step
     while num_steps is None or step < start_step + num_steps:
@@ -160,7 +175,8 @@ def iterate_batches(
     while True:
       yield from iterate_batches(source, batch_size=batch_size, seed=seed, start_step=step,
                                  num_steps=block, shuffle=shuffle, collate=collate,
-                                 backend="grain", num_threads=num_threads, prefetch=prefetch)
+                                 backend="grain", num_threads=num_threads, prefetch=prefetch,
+                                 shard=shard)
       step += block
   dataset = grain.MapDataset.range(start_step, start_step + num_steps).map(make)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)

@@ -95,9 +95,9 @@ def test_greedy_continuation_equals_transformers(smollm2):
     assert matching >= MIN_MATCHING_TOKENS
     assert matching == n_new
     # The model's log-probabilities of those tokens agree with transformers' too.
-    np.testing.assert_allclose(log_probs[row], p["greedy_log_probs"], atol=2e-3)
+    np.testing.assert_allclose(log_probs[row], p["greedy_log_probs"], atol=5e-4)
     first = p["last_logits_top_values"][0] - p["last_logits_logsumexp"]
-    assert abs(log_probs[row, 0] - first) < 2e-3
+    assert abs(log_probs[row, 0] - first) < 5e-4
 
 
 def test_registry_extracts_gguf_once(tmp_path, monkeypatch):

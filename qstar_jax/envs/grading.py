@@ -10,7 +10,7 @@ from __future__ import annotations
 import decimal
 import re
 
-__all__ = ["extract_final_number", "normalize_number", "answers_match"]
+__all__ = ["extract_final_number", "normalize_number", "answers_match", "states_answer"]
 
 _NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
 _CUES = (
@@ -62,6 +62,16 @@ def extract_final_number(text: str) -> str | None:
       return normalize_number(matches[-1])
   numbers = _ANY_NUMBER.findall(text)
   return normalize_number(numbers[-1]) if numbers else None
+
+
+def states_answer(text: str) -> bool:
+  """True when `text` contains an answer cue followed by a number ("The answer is 7", "#### 7").
+
+  Examples:
+    >>> states_answer("so 3 + 4 = 7"), states_answer("The answer is 7.")
+    (False, True)
+  """
+  return any(cue.search(text) for cue in _CUES)
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:

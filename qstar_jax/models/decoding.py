@@ -146,7 +146,7 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
                              top_p=top_p if use_top_p else None)
 
   def record(state, tok, lp, slp):
-    i, out, out_lp, out_slp, done, count, cache_, _ = state
+    i, out, out_lp, out_slp, done, count, kv, _ = state
     tok = jnp.where(done, pad_id, tok)
     lp = jnp.where(done, 0.0, lp)
     slp = jnp.where(done, 0.0, slp)
@@ -155,11 +155,11 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
     out_slp = jax.lax.dynamic_update_slice(out_slp, slp[:, None], (0, i))
     count = count + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-    return (i + 1, out, out_lp, out_slp, done, count, cache_, tok)
+    return (i + 1, out, out_lp, out_slp, done, count, kv, tok)
 
   state = (jnp.int32(0), jnp.full((r, n), pad_id, jnp.int32), jnp.zeros((r, n), jnp.float32),
            jnp.zeros((r, n), jnp.float32), jnp.zeros((r,), bool), jnp.zeros((r,), jnp.int32),
-           cache, jnp.zeros((r,), jnp.int32))
+           _split_cache(cache), jnp.zeros((r,), jnp.int32))
   tok, lp, slp = sample(logits, jax.random.fold_in(rng, 0))
   state = record(state, tok, lp, slp)
 
@@ -167,16 +167,23 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
     return (state[0] < n) & ~jnp.all(state[4])
 
   def body(state):
-    i, out, out_lp, out_slp, done, count, cache_, last_tok = state
+    i, out, out_lp, out_slp, done, count, (keys, values, lens), last_tok = state
     # Rows already done do not advance: their write lands past their length (masked).
-    h, cache_ = model.hidden_states(last_tok[:, None], cache=cache_,
-                                    num_new=(~done).astype(jnp.int32))
+    h, keys, values, lens = model.hidden_states_layered(
+        last_tok[:, None], keys, values, lens, num_new=(~done).astype(jnp.int32))
     tok, lp, slp = sample(model.logits(h[:, 0]), jax.random.fold_in(rng, i))
-    return record((i, out, out_lp, out_slp, done, count, cache_, last_tok), tok, lp, slp)
+    kv = (keys, values, lens)
+    return record((i, out, out_lp, out_slp, done, count, kv, last_tok), tok, lp, slp)
 
-  _, out, out_lp, out_slp, done, count, cache, _ = jax.lax.while_loop(cond, body, state)
+  _, out, out_lp, out_slp, done, count, kv, _ = jax.lax.while_loop(cond, body, state)
+  cache = KVCache(keys=jnp.stack(kv[0]), values=jnp.stack(kv[1]), lengths=kv[2])
   return DecodeResult(tokens=out, log_probs=out_lp, sample_log_probs=out_slp, lengths=count,
                       stopped=done, cache=cache)
+
+
+def _split_cache(cache: KVCache):
+  layers = range(cache.keys.shape[0])
+  return ([cache.keys[i] for i in layers], [cache.values[i] for i in layers], cache.lengths)
 
 
 _decode_jit = jax.jit(

@@ -260,26 +260,44 @@ class Llama(nnx.Module):
         x = layer(x, cos, sin, mask)
       return self.final_norm(x), None
 
-    offsets = cache.lengths.astype(jnp.int32)
+    keys = [cache.keys[i] for i in range(self.config.num_layers)]
+    values = [cache.values[i] for i in range(self.config.num_layers)]
+    x, keys, values, lengths = self.hidden_states_layered(tokens, keys, values, cache.lengths,
+                                                          num_new=num_new)
+    return x, KVCache(keys=jnp.stack(keys), values=jnp.stack(values), lengths=lengths)
+
+  def hidden_states_layered(self, tokens: jax.Array, keys: list[jax.Array],
+                            values: list[jax.Array], lengths: jax.Array, *,
+                            num_new: jax.Array | None = None):
+    """`hidden_states` over a cache held as per-layer arrays (the decode loop's carry).
+
+    Per-layer arrays [B, S, Hkv, hd] let XLA update each one in place inside a while loop
+    (a scatter into one stacked [L, ...] array gets copied whole at every layer).
+
+    Returns:
+      (hidden [B, T, D], new keys, new values, new lengths [B]).
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, t = tokens.shape
+    x = self.embed(tokens)
+    offsets = lengths.astype(jnp.int32)
+    max_len = keys[0].shape[1]
     positions = offsets[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    key_pos = jnp.arange(cache.max_len, dtype=jnp.int32)
+    key_pos = jnp.arange(max_len, dtype=jnp.int32)
     mask = key_pos[None, None, :] <= positions[:, :, None]  # [B, T, S]
     cos, sin = rotary_tables(self.config, positions)
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]
-    keys, values = cache.keys, cache.values
+    keys, values = list(keys), list(values)
     for i, layer in enumerate(self.layers):
       def kv_write(k, v, i=i):
-        nonlocal keys, values
-        # Scatter [B, T, Hkv, hd] into [L, B, S, Hkv, hd] at (i, b, positions[b, t]).
-        keys = keys.at[i, rows, positions].set(k.astype(keys.dtype), mode="drop")
-        values = values.at[i, rows, positions].set(v.astype(values.dtype), mode="drop")
+        # Scatter [B, T, Hkv, hd] at (b, positions[b, t]); writes past the end are dropped.
+        keys[i] = keys[i].at[rows, positions].set(k.astype(keys[i].dtype), mode="drop")
+        values[i] = values[i].at[rows, positions].set(v.astype(values[i].dtype), mode="drop")
         return keys[i], values[i]
       x = layer(x, cos, sin, mask, kv_write)
     if num_new is None:
       num_new = jnp.full((b,), t, jnp.int32)
-    new_cache = KVCache(keys=keys, values=values,
-                        lengths=offsets + jnp.asarray(num_new, jnp.int32))
-    return self.final_norm(x), new_cache
+    return self.final_norm(x), keys, values, offsets + jnp.asarray(num_new, jnp.int32)
 
 
 # ----------------------------------------------------------------------------- functional core

@@ -17,6 +17,7 @@ as the plain-file readers in ``gsm8k.py`` / ``text.py``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -138,12 +139,19 @@ def prepare_builder(
   manual_dir = (
     pathlib.Path(manual_dir) if manual_dir is not None else data_dir() / _MANUAL_SUBDIR[builder_cls]
   )
-  builder = builder_cls(data_dir=str(tfds_dir), file_format="array_record")
-  if not builder.is_prepared():
-    tfds.display_progress_bar(False)  # one-off preparation: keep logs short
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
-  )
+  tfds_dir.mkdir(parents=True, exist_ok=True)
+  # Processes sharing a cache (parallel tests, several experiments) prepare one at a time.
+  with open(tfds_dir / f".{builder_cls.__name__}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = builder_cls(data_dir=str(tfds_dir), file_format="array_record")
+      if not builder.is_prepared():
+        tfds.display_progress_bar(False)  # one-off preparation: keep logs short
+      builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
+      )
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 

@@ -5,7 +5,7 @@ Each iteration pops the N lowest-priority nodes, generates and evaluates EVERY c
 ``f = weight * g + h``. The search stops when a goal has been generated and the open list's lowest
 priority is >= the goal's priority ``weight * g_goal`` (with weight = 1 and an admissible h that is
 the usual lower-bound >= upper-bound rule, so the returned path is optimal), when the open list is
-empty, when the node store is full, or at ``max_iterations``.
+empty, when the node store overflowed (children were dropped), or at ``max_iterations``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def should_continue(loop: LoopState, weight: jax.Array, max_iterations: jax.Arra
   found = loop.goal_node >= 0
   done = (found & (lower >= weight * loop.upper_bound)) | ~jnp.isfinite(lower)
   done |= loop.iterations >= max_iterations
-  done |= loop.tables.num_nodes >= loop.tables.node_states.shape[0]
+  done |= loop.tables.overflow_nodes > 0  # node store full: stop, reported as overflow
   return ~done
 
 

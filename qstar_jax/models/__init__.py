@@ -11,6 +11,7 @@ from qstar_jax.models.llama import (  # noqa: E402
   apply_hidden,
   apply_logits,
   flat_param_shapes,
+  from_flat_params,
   get_flat_params,
   set_flat_params,
 )
@@ -35,6 +36,7 @@ __all__ += [
   "apply_hidden",
   "apply_logits",
   "flat_param_shapes",
+  "from_flat_params",
   "get_flat_params",
   "set_flat_params",
 ]

@@ -361,7 +361,7 @@ def _param_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 def get_flat_params(model: Llama) -> dict[str, np.ndarray]:
   """Dotted parameter names -> host numpy arrays (in the parameter dtype)."""
-  return {name: np.asarray(var[...]) for name, var in _param_variables(model).items()}
+  return {name: np.asarray(var.get_value()) for name, var in _param_variables(model).items()}
 
 
 def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
@@ -387,11 +387,18 @@ def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
     raise CheckpointError("parameters do not match the model layout: " + "; ".join(parts))
   for name, var in variables.items():
     shape = tuple(np.shape(flat[name]))
-    expected = tuple(var[...].shape)
+    expected = tuple(var.get_value().shape)
     if shape != expected:
       raise ShapeMismatchError(
           f"tensor {name} has shape {shape}, the model config expects {expected}")
   dtype = jnp.dtype(model.config.param_dtype)
   converted = {name: jnp.asarray(flat[name], dtype=dtype) for name in variables}
   for name, var in variables.items():
-    var[...] = converted[name]
+    var.set_value(converted[name])
+
+
+def from_flat_params(config: LlamaConfig, flat: dict[str, Any]) -> Llama:
+  """A `Llama` holding `flat` (validated like `set_flat_params`), without a random init."""
+  model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+  set_flat_params(model, flat)
+  return model

@@ -39,10 +39,10 @@ def eval_batches():
   return iterate_batches(DATA, batch_size=16, seed=0, num_steps=4, shuffle=False)
 
 
-def run(out, *, num_steps=24, accum=1, batches_fn=batches, run_config=None):
+def run(out, *, num_steps=24, accum=1, batches_fn=batches, run_config=None, params=None):
   cfg = TrainLoopConfig(num_steps=num_steps, accum_steps=accum, eval_every=8, checkpoint_every=5,
                         log_every=4, seed=0)
-  return train(loss_fn, init_params(), optimizer=make_optimizer(OPT), train_batches=batches_fn,
+  return train(loss_fn, init_params() if params is None else params, optimizer=make_optimizer(OPT), train_batches=batches_fn,
                config=cfg, out_dir=out, run_config=run_config or {"opt": "x", "n": num_steps},
                eval_batches=eval_batches, lr_fn=lr_schedule(OPT))
 
@@ -81,7 +81,10 @@ def test_lr_schedule_values():
 
 
 def test_gradient_accumulation_equals_full_batch(tmp_path, reference_run):
-  acc = run(tmp_path, accum=4)
+  p0 = {"w": jnp.ones((3, 1)), "b": jnp.zeros((1,))}
+  run(tmp_path / "from_ones", accum=4, params=p0, run_config={"p0": "ones"})
+  np.testing.assert_array_equal(p0["w"], np.ones((3, 1)))  # the caller's arrays stay valid
+  acc = run(tmp_path / "acc", accum=4)
   for k in acc.params:
     np.testing.assert_allclose(acc.params[k], reference_run.params[k], rtol=2e-5, atol=1e-6)
 

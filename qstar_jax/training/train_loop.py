@@ -223,6 +223,11 @@ def train(
     _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     print(f"resuming {out_dir} from step {start_step}", flush=True)
 
+  else:
+    # The step donates its params/opt_state buffers: work on a copy so that the caller's arrays
+    # (and a model sharing them) stay valid.
+    params = jax.tree.map(jnp.copy, params)
+
   step_fn = make_train_step(loss_fn, optimizer, accum_steps=config.accum_steps, lr_fn=lr_fn)
   if eval_loss_fn is None:
     eval_key = jax.random.key(config.seed + 1)

@@ -183,8 +183,7 @@ def test_cube_optimal(cube_problems, cube_fns, method, meta):
     r = astar_search(None, starts, heuristic_fn=h, node_capacity=60_000 if meta else 20_000,
                      **kw)
   else:
-    r = qstar_search(None, starts, q_fn=q1884 if meta else q12, node_capacity=4096,
-                     open_capacity=4096 * (64 if meta else 12), **kw)
+    r = qstar_search(None, starts, q_fn=q1884 if meta else q12, node_capacity=4096, **kw)
   assert np.all(r.found) and not np.any(r.overflow)
   np.testing.assert_array_equal(r.path_cost, optimal)
   end = env.replay(starts, np.asarray(r.path))
@@ -244,8 +243,8 @@ def test_search_reports_overflow(puzzle8_problems):
   r = astar_search(None, hard, env=ENV8, heuristic_fn=manhattan_h, max_iterations=1000,
                    node_capacity=16, max_path_len=40)
   assert not bool(r.found[0]) and int(r.overflow_nodes[0]) > 0 and bool(r.overflow[0])
-  r = qstar_search(None, hard, env=ENV8, q_fn=manhattan_q, max_iterations=3,
-                   node_capacity=64, open_capacity=6, max_path_len=40)
+  r = qstar_search(None, hard, env=ENV8, q_fn=manhattan_q, max_iterations=10,
+                   node_capacity=64, open_capacity=2, max_path_len=40)
   assert int(r.overflow_open[0]) > 0 and bool(r.overflow[0])
 
 
@@ -259,7 +258,7 @@ def test_search_input_validation():
   with pytest.raises(ValueError, match="batch_pops must be a positive"):
     qstar_search(None, good, env=ENV8, q_fn=manhattan_q, batch_pops=0)
   with pytest.raises(ValueError, match="open_capacity"):
-    qstar_search(None, good, env=ENV8, q_fn=manhattan_q, batch_pops=8, open_capacity=16)
+    qstar_search(None, good, env=ENV8, q_fn=manhattan_q, batch_pops=8, open_capacity=8)
   with pytest.raises(ValueError, match="power of two"):
     astar_search(None, good, env=ENV8, heuristic_fn=manhattan_h, table_capacity=1000,
                  node_capacity=100)

@@ -13,7 +13,16 @@ from qstar_jax.models.llama import (  # noqa: E402
   flat_param_shapes,
   from_flat_params,
   get_flat_params,
+  init_llama,
   set_flat_params,
+)
+from qstar_jax.models.decoding import (  # noqa: E402
+  DecodeResult,
+  StepSamples,
+  decode,
+  delimiter_token_ids,
+  filter_logits,
+  sample_steps,
 )
 from qstar_jax.models.heads import (  # noqa: E402
   PolicyValue,
@@ -23,6 +32,12 @@ from qstar_jax.models.heads import (  # noqa: E402
 )
 
 __all__ += [
+  "DecodeResult",
+  "StepSamples",
+  "decode",
+  "delimiter_token_ids",
+  "filter_logits",
+  "sample_steps",
   "PolicyValue",
   "ValueHead",
   "policy_value_apply",
@@ -38,6 +53,7 @@ __all__ += [
   "flat_param_shapes",
   "from_flat_params",
   "get_flat_params",
+  "init_llama",
   "set_flat_params",
 ]
 

@@ -121,7 +121,7 @@ def _sample(logits, key, *, greedy, temperature, top_k, top_p):
 
 def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top_p, *,
                  graphdef, max_new_tokens, num_candidates, greedy, top_k, use_top_p,
-                 cache_max_len, pad_id):
+                 cache_max_len, pad_id, ignore_eos):
   global _TRACE_COUNT
   _TRACE_COUNT += 1
   model = nnx.merge(graphdef, params)
@@ -131,8 +131,8 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
     cache = KVCache.init(model.config, b, cache_max_len)
   elif cache.max_len < cache_max_len:
     cache = cache.grow(cache_max_len)
-  stop_ids = jnp.concatenate([stop_ids.astype(jnp.int32),
-                              jnp.asarray(model.config.eos_token_ids or (-1,), jnp.int32)])
+  eos = () if ignore_eos else model.config.eos_token_ids
+  stop_ids = jnp.concatenate([stop_ids.astype(jnp.int32), jnp.asarray(eos or (-1,), jnp.int32)])
 
   # Prefill: all new tokens at once, LM head only at each row's last real token.
   hidden, cache = model.hidden_states(tokens, cache=cache, num_new=lengths)
@@ -189,7 +189,7 @@ def _split_cache(cache: KVCache):
 _decode_jit = jax.jit(
     _decode_impl,
     static_argnames=("graphdef", "max_new_tokens", "num_candidates", "greedy", "top_k",
-                     "use_top_p", "cache_max_len", "pad_id"))
+                     "use_top_p", "cache_max_len", "pad_id", "ignore_eos"))
 
 
 def _bucket(n: int) -> int:
@@ -201,7 +201,7 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
            greedy: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, stop_token_ids: Sequence[int] = (),
            num_candidates: int = 1, cache_max_len: int | None = None,
-           pad_id: int = 0) -> DecodeResult:
+           pad_id: int = 0, ignore_eos: bool = False) -> DecodeResult:
   """Prefill `tokens` (after `cache`'s prefix, if any) and sample up to `max_new_tokens`.
 
   Args:
@@ -212,7 +212,8 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
     cache: a cache to continue from (its prefix is attended, never recomputed), or None.
     max_new_tokens: N, static.
     greedy: argmax decoding (static); else sample with temperature / top_k (static) / top_p.
-    stop_token_ids: extra stop ids (step delimiters); the config's EOS ids always stop.
+    stop_token_ids: extra stop ids (step delimiters); the config's EOS ids stop too unless
+      `ignore_eos` (static; e.g. benchmarks that must decode exactly N tokens).
     num_candidates: K samples per prompt (static); rows of the result are b * K + k.
     cache_max_len: size S of the cache (static); default: cached length + P + N.
     pad_id: token written after a row has stopped.
@@ -269,7 +270,7 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
       graphdef=graphdef, max_new_tokens=int(max_new_tokens),
       num_candidates=int(num_candidates), greedy=bool(greedy),
       top_k=None if top_k is None else int(top_k), use_top_p=top_p is not None,
-      cache_max_len=int(cache_max_len), pad_id=int(pad_id))
+      cache_max_len=int(cache_max_len), pad_id=int(pad_id), ignore_eos=bool(ignore_eos))
 
 
 def _config_of(graphdef, params):

@@ -21,6 +21,7 @@ embeddings in the rotate_half layout (dimension j pairs with j + hd/2).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -395,6 +396,19 @@ def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
   converted = {name: jnp.asarray(flat[name], dtype=dtype) for name in variables}
   for name, var in variables.items():
     var.set_value(converted[name])
+
+
+def init_llama(config: LlamaConfig, seed: int = 0) -> Llama:
+  """A randomly initialised `Llama` built in one jitted call (eager init dispatches every
+  op separately, which is slow on CPU). Same initialiser as the constructor; the random
+  draws are not bit-identical to an eager `Llama(config, rngs=nnx.Rngs(seed))`."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(seed))))
+  return nnx.merge(graphdef, _init_state(config, seed))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_state(config: LlamaConfig, seed: int):
+  return nnx.state(Llama(config, rngs=nnx.Rngs(seed)))
 
 
 def from_flat_params(config: LlamaConfig, flat: dict[str, Any]) -> Llama:

@@ -4,18 +4,6 @@ __all__: list[str] = []
 
 # Transformer, config, cache (model helper).
 from qstar_jax.models.config import LlamaConfig, get_config, preset_names  # noqa: E402
-from qstar_jax.models.kv_cache import KVCache  # noqa: E402
-from qstar_jax.models.llama import (  # noqa: E402
-  Llama,
-  apply,
-  apply_hidden,
-  apply_logits,
-  flat_param_shapes,
-  from_flat_params,
-  get_flat_params,
-  init_llama,
-  set_flat_params,
-)
 from qstar_jax.models.decoding import (  # noqa: E402
   DecodeResult,
   StepSamples,
@@ -29,6 +17,18 @@ from qstar_jax.models.heads import (  # noqa: E402
   ValueHead,
   policy_value_apply,
   value_apply,
+)
+from qstar_jax.models.kv_cache import KVCache  # noqa: E402
+from qstar_jax.models.llama import (  # noqa: E402
+  Llama,
+  apply,
+  apply_hidden,
+  apply_logits,
+  flat_param_shapes,
+  from_flat_params,
+  get_flat_params,
+  init_llama,
+  set_flat_params,
 )
 
 __all__ += [

@@ -41,6 +41,11 @@ def fake_quant_dense(x: jax.Array, kernel: jax.Array, cfg: QuantConfig) -> jax.A
   if cfg.w_bits is None and cfg.a_bits is None:
     return jnp.dot(x, kernel.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
   block = effective_block(k, cfg.hadamard_block)
+  if x.ndim != 2:
+    # Rows are independent; flattening keeps the rotation the same [M, K] computation as the
+    # integer path's (so both round identically), whatever the leading shape.
+    y = fake_quant_dense(x.reshape(-1, k), kernel, cfg)
+    return y.reshape(*x.shape[:-1], kernel.shape[1])
   if cfg.w_bits is not None and cfg.a_bits is not None:
     m_x, h_x = quantize_rotated(x, cfg.a_bits, block, cfg.method, cfg.trust_factor)
     m_w, h_w = quantize_rotated(kernel.T, cfg.w_bits, block, cfg.method, cfg.trust_factor)

@@ -1,0 +1,82 @@
+"""experiments.quest_scaling end to end on a tiny corpus slice, its presets and its table."""
+
+import json
+import pathlib
+
+import pytest
+
+qs = pytest.importorskip("experiments.quest_scaling")
+
+from qstar_jax.training.config import ConfigError, parse_config  # noqa: E402
+
+RUN_KEYS = {"params", "method", "w_bits", "a_bits", "val_loss", "finite", "steps", "tokens"}
+
+
+def test_presets_parse():
+  for name in ("cpu", "gpu", "smoke"):
+    cfg = parse_config(qs.QuestScalingConfig, [f"preset={name}", "out=/tmp/x"],
+                       presets_dir=qs.PRESETS)
+    assert len(cfg.sizes) >= 1 and all(r in qs.RUN_KINDS for r in cfg.runs)
+  cfg = parse_config(qs.QuestScalingConfig, ["preset=cpu"], presets_dir=qs.PRESETS)
+  assert [s[0] % 128 for s in cfg.sizes] == [0] * len(cfg.sizes)  # Hadamard block 128
+  assert set(cfg.runs) == set(qs.RUN_KINDS)
+  with pytest.raises(ConfigError, match="bits"):
+    parse_config(qs.QuestScalingConfig, ["bits=3"], presets_dir=qs.PRESETS)
+
+
+def test_table_reports_gap_to_bf16():
+  rows = [
+    {"params": 1000, "method": "bf16", "w_bits": None, "a_bits": None, "val_loss": 4.0,
+     "finite": True},
+    {"params": 1000, "method": "quest", "w_bits": 4, "a_bits": 4, "val_loss": 4.1,
+     "finite": True},
+    {"params": 1000, "method": "ste", "w_bits": 1, "a_bits": 1, "val_loss": None,
+     "finite": False},
+  ]
+  table = qs.results_table(rows)
+  assert "| QuEST W4A4 | 4.1000 (+2.50%) |" in table
+  assert "| STE W1A1 | diverged |" in table
+
+
+def test_quantized_param_count_matches_model():
+  import jax
+  from flax import nnx
+
+  from qstar_jax.models.llama import Llama
+
+  cfg = parse_config(qs.QuestScalingConfig, ["preset=cpu"], presets_dir=qs.PRESETS)
+  mcfg = qs.model_config(cfg, tuple(cfg.sizes[0]), "quest4")
+  _, params = nnx.split(Llama(mcfg, rngs=nnx.Rngs(0)))
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  proj = sum(x.size for path, x in flat if "proj" in jax.tree_util.keystr(path))
+  assert qs.quantized_param_count(mcfg) == proj
+
+
+def test_end_to_end_tiny(tmp_path, monkeypatch):
+  from qstar_jax.data.pipeline import read_gsm8k_split, read_tiny_shakespeare_splits
+
+  sh_train, sh_val = read_tiny_shakespeare_splits(backend="files")
+  gsm = read_gsm8k_split("test", backend="files")[:20]
+  text = "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in gsm)
+  monkeypatch.setattr(qs, "corpus_texts", lambda backend: (sh_train[:40000] + text,
+                                                           sh_val[:8000]))
+  out = tmp_path / "qs"
+  argv = [f"out={out}", "sizes=[[128,256,1,2]]", "runs=[bf16,quest2]", "vocab_size=400",
+          "val_sequences=4", "eval_batch_size=2", "train.steps=3", "train.batch_size=2",
+          "train.seq_len=32"]
+  qs.main(argv)
+  results = json.loads((out / "results.json").read_text())
+  assert results["config"]["runs"] == ["bf16", "quest2"]
+  runs = results["runs"]
+  assert [r["method"] for r in runs] == ["bf16", "quest"]
+  for r in runs:
+    assert set(r) == RUN_KEYS
+    assert r["finite"] and r["val_loss"] > 0 and r["steps"] == 3 and r["tokens"] == 3 * 2 * 32
+  assert runs[1]["w_bits"] == runs[1]["a_bits"] == 2 and runs[0]["w_bits"] is None
+  assert runs[0]["params"] == runs[1]["params"]
+  assert "QuEST W2A2" in (out / "table.md").read_text()
+  assert (out / "pareto.png").stat().st_size > 0
+  assert pathlib.Path(out / "tokenizer" / "spm400.model").is_file()
+  # A rerun reuses the finished runs (no retraining) and writes the same results.
+  qs.main(argv)
+  assert json.loads((out / "results.json").read_text())["runs"] == runs

@@ -12,9 +12,10 @@ weight is stored as integer codes of its rotated rows (`QuantizedWeight`) and at
   and `int4_matmul(..., half_offset=True)` dequantizes them in the kernel (W4A16).
 - Other weight-only bits: dequantize and `jnp.dot` (XLA).
 
-Kernel or XLA: on GPU/TPU the Pallas kernels are used when the shapes suit them (K and the
-Hadamard block >= 16); on the CPU the XLA path (the kernels' jnp references, the same math)
-runs unless `use_kernel=True` forces the kernels in interpret mode.
+Kernel or XLA: on GPUs the Pallas (Triton) kernels are used when the shapes suit them (K a
+multiple of 32, Hadamard block >= 16); elsewhere the XLA path (the kernels' jnp references, the
+same math) runs unless `use_kernel=True` forces the kernels (Mosaic on TPU, interpret mode on
+CPU).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def quantized_matmul(
     x: activations [..., K] (float32 / bfloat16).
     qw: a `QuantizedWeight` from `quantize_weight`.
     use_kernel: True forces the Pallas kernels (interpret mode on CPU), False the XLA path,
-      None picks: kernels on GPU/TPU when K and the Hadamard block tile, else XLA.
+      None picks: kernels on GPU when K and the Hadamard block tile, else XLA.
   """
   from qstar_jax.quant.hadamard import hadamard
 
@@ -126,7 +127,9 @@ def quantized_matmul(
   lead = x.shape[:-1]
   x2 = x.reshape(-1, k)
   if use_kernel is None:
-    use_kernel = jax.default_backend() in ("gpu", "tpu") and _kernel_shapes_ok(k, qw.block)
+    # GPU: the Triton kernels. TPU: XLA's native int8 dot (the Mosaic lowering of these kernels
+    # is untested on hardware; use_kernel=True forces it). CPU: XLA (interpret mode is slow).
+    use_kernel = jax.default_backend() == "gpu" and _kernel_shapes_ok(k, qw.block)
   if qw.a_bits is not None and qw.w_bits is not None:
     if use_kernel:
       codes, step = hadamard_quantize(x2, qw.a_bits, block=qw.block)

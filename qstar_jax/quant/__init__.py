@@ -1,6 +1,7 @@
 """qstar_jax.quant: QuEST quantization (Hadamard transform, Gaussian-MSE grid, trust gradient)."""
 
 from qstar_jax.quant.config import QuantConfig
+from qstar_jax.quant.convert import QuantizedDense, convert_to_integer
 from qstar_jax.quant.dense import fake_quant_dense
 from qstar_jax.quant.grid import QUEST_ALPHAS, gaussian_mse_scale, gaussian_quantization_mse
 from qstar_jax.quant.hadamard import hadamard, hadamard_matrix
@@ -15,6 +16,8 @@ from qstar_jax.quant.quest import (
 
 __all__ = [
   "QuantConfig",
+  "QuantizedDense",
+  "convert_to_integer",
   "QUEST_ALPHAS",
   "clip_ste_quantize",
   "fake_quant_dense",

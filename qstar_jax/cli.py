@@ -101,8 +101,11 @@ def param_bytes(model) -> int:
 
 
 def bench_decode(model, *, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3,
-                 seed: int = 0) -> dict[str, Any]:
+                 seed: int = 0, tokens: Any = None) -> dict[str, Any]:
   """Greedy decode of random prompts [batch, prompt_len] for exactly `new_tokens` tokens.
+
+  `tokens` [batch, prompt_len] overrides the random prompts. The result also holds
+  `row0_tokens`, the ids generated for the first row.
 
   Timings are the best of `repeats` runs after a compile run:
     tokens_per_s = batch * new_tokens / (prefill + decode seconds)
@@ -119,7 +122,11 @@ def bench_decode(model, *, batch: int, prompt_len: int, new_tokens: int, repeats
 
   graphdef, params = nnx.split(model)
   vocab = model.config.vocab_size
-  tokens = np.random.default_rng(seed).integers(0, vocab, (batch, prompt_len)).astype(np.int32)
+  if tokens is None:
+    tokens = np.random.default_rng(seed).integers(0, vocab, (batch, prompt_len))
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.shape != (batch, prompt_len):
+    raise ValueError(f"tokens have shape {tokens.shape}, expected ({batch}, {prompt_len})")
 
   def run(n):
     start = time.perf_counter()
@@ -148,6 +155,7 @@ def bench_decode(model, *, batch: int, prompt_len: int, new_tokens: int, repeats
       "param_bytes": nbytes,
       "weight_bytes_per_s": nbytes * (new_tokens - 1) / decode_s,
       "device": str(jax.devices()[0].device_kind),
+      "row0_tokens": [int(t) for t in np.asarray(res.tokens[0])],
   }
 
 

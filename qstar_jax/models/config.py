@@ -173,6 +173,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "llama-30m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_layers=10,
                       num_heads=8, num_kv_heads=4, max_position_embeddings=2048,
                       tie_word_embeddings=True),
+    # Llama-3.2-1B's shape (for GPU bandwidth benchmarks with random weights).
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                     num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                     max_position_embeddings=8192, rope_theta=500000.0,
+                     rope_scaling=(("rope_type", "llama3"), ("factor", 32.0),
+                                   ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                   ("original_max_position_embeddings", 8192)),
+                     tie_word_embeddings=True, bos_token_id=128000,
+                     eos_token_ids=(128001, 128008, 128009)),
 }
 
 

@@ -15,6 +15,10 @@ loss. Writes:
   out/pareto.png    val loss vs model size in bits (the paper's Pareto view)
   out/runs/<size>_<run>/  metrics.jsonl, checkpoints (a rerun resumes / skips finished runs)
 
+Runs of one table can be spread over processes or machines (`runs=[...]`, `sizes=[...]` into
+separate out dirs); copy their `runs/*` folders into one out dir and rerun the full command
+with `collect_only=true` to assemble results.json, table.md and the plot without training.
+
 "bf16" is the full-precision baseline: on the CPU preset its compute dtype is float32 (bf16
 matmuls are emulated and slow on CPUs), on accelerators bfloat16.
 """
@@ -73,6 +77,7 @@ class QuestScalingConfig:
   val_sequences: int = 128      # validation windows of seq_len tokens (fixed, evenly spaced)
   eval_batch_size: int = 32
   data_backend: str = "files"   # "files" | "tfds" | "auto"
+  collect_only: bool = False    # only gather finished runs' results (train nothing)
   train: TrainSettings = TrainSettings()
 
 
@@ -316,17 +321,27 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
     raise ValueError(f"steps_per_size={cfg.steps_per_size} must list one count per size "
                      f"({len(cfg.sizes)} sizes)")
   t0 = time.time()
-  _, train_windows, val_windows = prepare_data(cfg, out)
-  print(f"data: {len(train_windows)} train windows, {len(val_windows)} val windows "
-        f"({time.time() - t0:.0f}s)", flush=True)
+  if cfg.collect_only:
+    train_windows = val_windows = None
+  else:
+    _, train_windows, val_windows = prepare_data(cfg, out)
+    print(f"data: {len(train_windows)} train windows, {len(val_windows)} val windows "
+          f"({time.time() - t0:.0f}s)", flush=True)
   rows = []
   results = {"config": config_to_dict(cfg), "runs": rows}
   for si, size in enumerate(cfg.sizes):
     steps = cfg.steps_per_size[si] if cfg.steps_per_size else cfg.train.steps
     for run in cfg.runs:
       name = f"d{size[0]}_f{size[1]}_l{size[2]}_{run}"
-      row = train_one(cfg, tuple(size), run, steps, train_windows, val_windows,
-                      out / "runs" / name)
+      if cfg.collect_only:
+        done = out / "runs" / name / "result.json"
+        if not done.is_file():
+          print(f"{name}: not finished, left out", flush=True)
+          continue
+        row = json.loads(done.read_text())
+      else:
+        row = train_one(cfg, tuple(size), run, steps, train_windows, val_windows,
+                        out / "runs" / name)
       rows.append(row)
       loss = row["val_loss"]
       print(f"[{time.time() - t0:7.0f}s] {name}: params={row['params']} val_loss="
@@ -335,6 +350,8 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
                                    "finite", "steps", "tokens")} for r in rows]
       write_results(out, results={"config": results["config"], "runs": public},
                     table_md=results_table(rows))
+  if not rows:
+    raise RuntimeError(f"no finished runs under {out / 'runs'}")
   pareto_plot(rows, out / "pareto.png")
   print(f"done in {time.time() - t0:.0f}s: {out / 'results.json'}", flush=True)
   return results

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The accelerator checks of the project in one script, for a lent GPU machine with JAX installed
+# (the lead runs it through the device tool; results land in $OUT). Sections, any subset:
+#   bash experiments/gpu_checks.sh env decode quant puzzle
+# Each section has its own time limit and the script goes on when one fails.
+set -u
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Packages the GPU image lacks travel as wheels in .whl/ (gguf, mctx).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+# A source checkout without `pip install`: make `qstar_jax.kernels` resolve (the copy on the
+# device machine is disposable).
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+python3 -c "import qstar_jax.kernels" 2>/dev/null || ln -s ../kernels qstar_jax/kernels
+
+run() {  # run NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$OUT/$name.log"
+  echo "=== $name rc=$rc in $((SECONDS - start))s"
+}
+
+for section in "$@"; do
+  case $section in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
+      python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" ;;
+    decode)
+      run decode 240 python3 -m experiments.bench_decode gpu=true out="$OUT/decode" ;;
+    quant)
+      run quant 200 python3 -m experiments.bench_quant --gpu --out "$OUT/quant.json" ;;
+    puzzle)
+      for preset in cube3_q1884_gpu_short cube3_q12_gpu_short cube3_v_gpu_short; do
+        run "$preset" 150 python3 -m experiments.train_puzzle preset=$preset out=/tmp/$preset
+        tar czf "$OUT/$preset.tgz" -C /tmp "$preset" 2>/dev/null
+      done ;;
+    *) echo "unknown section $section" ;;
+  esac
+done

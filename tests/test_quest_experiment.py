@@ -80,3 +80,8 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
   # A rerun reuses the finished runs (no retraining) and writes the same results.
   qs.main(argv)
   assert json.loads((out / "results.json").read_text())["runs"] == runs
+  # collect_only gathers finished runs and leaves unfinished ones out, training nothing.
+  qs.main([*argv[:1], "sizes=[[128,256,1,2]]", "runs=[bf16,quest2,ste1]", "collect_only=true",
+           *argv[3:]])
+  assert json.loads((out / "results.json").read_text())["runs"] == runs
+  assert not (out / "runs" / "d128_f256_l1_ste1").exists()

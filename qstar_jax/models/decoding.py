@@ -121,7 +121,7 @@ def _sample(logits, key, *, greedy, temperature, top_k, top_p):
 
 def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top_p, *,
                  graphdef, max_new_tokens, num_candidates, greedy, top_k, use_top_p,
-                 cache_max_len, pad_id, ignore_eos):
+                 cache_max_len, pad_id, ignore_eos, fuse_weights=True):
   global _TRACE_COUNT
   _TRACE_COUNT += 1
   model = nnx.merge(graphdef, params)
@@ -163,6 +163,8 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
   tok, lp, slp = sample(logits, jax.random.fold_in(rng, 0))
   state = record(state, tok, lp, slp)
 
+  fused = model.fused_decode_weights() if fuse_weights else None
+
   def cond(state):
     return (state[0] < n) & ~jnp.all(state[4])
 
@@ -170,7 +172,7 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, temperature, top
     i, out, out_lp, out_slp, done, count, (keys, values, lens), last_tok = state
     # Rows already done do not advance: their write lands past their length (masked).
     h, keys, values, lens = model.hidden_states_layered(
-        last_tok[:, None], keys, values, lens, num_new=(~done).astype(jnp.int32))
+        last_tok[:, None], keys, values, lens, num_new=(~done).astype(jnp.int32), fused=fused)
     tok, lp, slp = sample(model.logits(h[:, 0]), jax.random.fold_in(rng, i))
     kv = (keys, values, lens)
     return record((i, out, out_lp, out_slp, done, count, kv, last_tok), tok, lp, slp)
@@ -189,7 +191,7 @@ def _split_cache(cache: KVCache):
 _decode_jit = jax.jit(
     _decode_impl,
     static_argnames=("graphdef", "max_new_tokens", "num_candidates", "greedy", "top_k",
-                     "use_top_p", "cache_max_len", "pad_id", "ignore_eos"))
+                     "use_top_p", "cache_max_len", "pad_id", "ignore_eos", "fuse_weights"))
 
 
 def _bucket(n: int) -> int:

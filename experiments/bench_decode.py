@@ -12,12 +12,13 @@ random prompts. Reports tokens/s of both, their ratio, and batch-1 tokens/s as a
 the memory-bandwidth limit: bandwidth / parameter bytes, with the bandwidth measured by a large
 host copy (bytes read + written per second) — each decode step reads every weight once.
 
-GPU mode (no torch): batch-1 decode with params in bfloat16 and float32, as a fraction of the
-HBM bandwidth limit (bandwidth from a large device-to-device copy). The default model there is
-`preset:smollm2-135m` (random weights of SmolLM2's shape: decode speed does not depend on the
-values, and the GGUF may not be on the GPU machine) plus `preset:llama-1b` (a Llama-3.2-1B
-shape), since a 135M model decodes one token in well under a millisecond of HBM time, where
-per-step kernel overheads dominate.
+GPU mode (no torch): batch-1 decode as a fraction of the HBM bandwidth limit
+(weight bytes per second vs a large device-to-device copy's bytes read + written per second),
+for each `gpu_runs` entry MODEL@DTYPE: by default SmolLM2's shape with random weights
+(`preset:smollm2-135m`; decode speed does not depend on the values, and the GGUF may not be on
+the GPU machine) with params in bfloat16 and in float32, plus `preset:llama-1b` (Llama-3.2-1B's
+shape) in bfloat16: a 135M model reads its weights in ~0.1 ms of HBM time, so per-step kernel
+overheads, not bandwidth, bound it; the 1B row shows the bandwidth regime.
 
 Writes `out/results.json` and `out/table.md`.
 """
@@ -52,8 +53,8 @@ class BenchConfig:
   torch_python: str = "/opt/torchenv/bin/python"
   torch_threads: int = 0            # 0: torch's default
   gpu: bool = False
-  gpu_models: tuple[str, ...] = ("preset:smollm2-135m", "preset:llama-1b")
-  gpu_dtypes: tuple[str, ...] = ("bfloat16", "float32")
+  gpu_runs: tuple[str, ...] = ("preset:smollm2-135m@bfloat16", "preset:smollm2-135m@float32",
+                                "preset:llama-1b@bfloat16")   # MODEL@DTYPE
   gpu_new_tokens: int = 128
   out: str = "runs/bench_decode"
 
@@ -223,17 +224,22 @@ def bench_gpu(cfg: BenchConfig) -> dict[str, Any]:
 
   bandwidth = device_copy_bandwidth()
   rows, runs = [], []
-  for spec in cfg.gpu_models:
-    for dtype in cfg.gpu_dtypes:
-      model = _load(spec, dtype)
-      res = bench_decode(model, batch=1, prompt_len=cfg.prompt_len,
-                         new_tokens=cfg.gpu_new_tokens, repeats=cfg.repeats, seed=0)
-      res.pop("row0_tokens", None)
-      frac = res["weight_bytes_per_s"] / bandwidth
-      runs.append({"model": spec, "dtype": dtype, **res, "fraction_of_hbm_limit": frac})
-      rows.append([spec, dtype, res["param_bytes"] / 1e6, res["decode_tokens_per_s"],
-                   res["step_ms"], res["weight_bytes_per_s"] / 1e9, frac, res["compile_s"]])
-      del model
+  for run in cfg.gpu_runs:
+    spec, _, dtype = run.rpartition("@")
+    if not spec or dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"gpu_runs entry {run!r}: expected MODEL@bfloat16 or MODEL@float32")
+    model = _load(spec, dtype)
+    res = bench_decode(model, batch=1, prompt_len=cfg.prompt_len,
+                       new_tokens=cfg.gpu_new_tokens, repeats=cfg.repeats, seed=0)
+    res.pop("row0_tokens", None)
+    frac = res["weight_bytes_per_s"] / bandwidth
+    runs.append({"model": spec, "dtype": dtype, **res, "fraction_of_hbm_limit": frac})
+    rows.append([spec, dtype, res["param_bytes"] / 1e6, res["decode_tokens_per_s"],
+                 res["step_ms"], res["weight_bytes_per_s"] / 1e9, frac, res["compile_s"]])
+    print(markdown_table(["model", "dtype", "tok/s", "fraction of HBM limit"],
+                         [[spec, dtype, res["decode_tokens_per_s"], frac]], floatfmt=".3g"),
+          flush=True)
+    del model
   result = {"mode": "gpu", "config": dataclasses.asdict(cfg), "device": str(jax.devices()[0]),
             "copy_bandwidth_bytes_per_s": bandwidth, "runs": runs}
   table = markdown_table(["model", "dtype", "param MB", "batch-1 tok/s", "step ms", "weight GB/s",

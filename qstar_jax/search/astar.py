@@ -82,20 +82,40 @@ def finish(env: PuzzleEnv, loop: LoopState, max_path_len: int) -> SearchResult:
       overflow_open=loop.tables.overflow_open, path_truncated=truncated)
 
 
-def _astar_one(params, start, weight, max_iterations, *, env: PuzzleEnv,
-               heuristic_fn: HeuristicFn, batch_pops: int, node_capacity: int,
-               open_capacity: int, table_capacity: int, max_path_len: int) -> SearchResult:
+def run_batched(init_one, step_one, finish_one, start_states, weight, max_iterations):
+  """The batched search loop shared by A* and Q*.
+
+  ``init_one(start) -> carry``, ``step_one(carry, active) -> carry`` (a no-op when ``active`` is
+  false), ``finish_one(carry) -> SearchResult``; carries hold a ``LoopState`` first. The
+  ``while_loop`` is NOT vmapped: a vmapped loop with a per-problem predicate would select between
+  old and new carries every iteration (a copy of every table, O(capacity) per iteration); here
+  the predicate is ``any(active)`` and finished problems skip their work through ``active``.
+  """
+  carry = jax.vmap(init_one)(start_states)
+  active = lambda c: jax.vmap(lambda lp: should_continue(lp, weight, max_iterations))(c[0])  # noqa: E731
+  carry = jax.lax.while_loop(lambda c: jnp.any(active(c)),
+                             lambda c: jax.vmap(step_one)(c, active(c)), carry)
+  return jax.vmap(finish_one)(carry)
+
+
+def _astar_batched(params, start_states, weight, max_iterations, *, env: PuzzleEnv,
+                   heuristic_fn: HeuristicFn, batch_pops: int, node_capacity: int,
+                   open_capacity: int, table_capacity: int, max_path_len: int) -> SearchResult:
   a = env.num_actions
   costs = jnp.asarray(env.action_costs)
-  loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
-                   table_capacity=table_capacity)
-  h0 = heuristic_fn(params, start[None])[0]
-  tables = ol.push(loop.tables, jnp.reshape(h0, (1,)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32),
-                   jnp.full((1,), -1, jnp.int32), jnp.ones((1,), bool))
-  loop = loop.replace(tables=tables, network_calls=loop.network_calls + 1)
 
-  def body(loop: LoopState) -> LoopState:
-    tables, _, g, node, _, valid = ol.pop(loop.tables, batch_pops)
+  def init_one(start):
+    loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
+                     table_capacity=table_capacity)
+    h0 = heuristic_fn(params, start[None])[0]
+    tables = ol.push(loop.tables, jnp.reshape(h0, (1,)), jnp.zeros((1,)),
+                     jnp.zeros((1,), jnp.int32), jnp.full((1,), -1, jnp.int32),
+                     jnp.ones((1,), bool))
+    return (loop.replace(tables=tables, network_calls=loop.network_calls + 1),)
+
+  def step_one(carry, active):
+    (loop,) = carry
+    tables, _, g, node, _, valid = ol.pop(loop.tables, batch_pops, active)
     parents = tables.node_states[node]  # [N, D]
     children = env.next_states(parents).reshape(batch_pops * a, env.state_dim)
     child_g = (g[:, None] + costs[None, :]).reshape(-1)
@@ -109,14 +129,15 @@ def _astar_one(params, start, weight, max_iterations, *, env: PuzzleEnv,
     loop = record_goals(loop, goal, child_g, index)
     tables = ol.push(tables, weight * child_g + h, child_g, index, jnp.full_like(index, -1),
                      improved & ~goal)
-    return loop.replace(
-        tables=tables, iterations=loop.iterations + 1,
+    step = active.astype(jnp.int32)
+    return (loop.replace(
+        tables=tables, iterations=loop.iterations + step,
         nodes_generated=loop.nodes_generated + jnp.sum(child_valid, dtype=jnp.int32),
         nodes_expanded=loop.nodes_expanded + jnp.sum(valid, dtype=jnp.int32),
-        network_calls=loop.network_calls + 1)
+        network_calls=loop.network_calls + step),)
 
-  loop = jax.lax.while_loop(lambda lp: should_continue(lp, weight, max_iterations), body, loop)
-  return finish(env, loop, max_path_len)
+  return run_batched(init_one, step_one, lambda c: finish(env, c[0], max_path_len),
+                     start_states, weight, max_iterations)
 
 
 _STATIC = ("env", "heuristic_fn", "batch_pops", "node_capacity", "open_capacity",
@@ -125,9 +146,7 @@ _STATIC = ("env", "heuristic_fn", "batch_pops", "node_capacity", "open_capacity"
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _astar_jit(params, start_states, weight, max_iterations, **static) -> SearchResult:
-  one = functools.partial(_astar_one, **static)
-  return jax.vmap(one, in_axes=(None, 0, None, None))(params, start_states, weight,
-                                                      max_iterations)
+  return _astar_batched(params, start_states, weight, max_iterations, **static)
 
 
 def astar_search(params: Any, start_states, *, env: PuzzleEnv, heuristic_fn: HeuristicFn,

@@ -187,19 +187,21 @@ def push(tables: SearchTables, priority: jax.Array, g: jax.Array, node: jax.Arra
       overflow_open=tables.overflow_open + jnp.sum(mask & (dst == o), dtype=jnp.int32))
 
 
-def pop(tables: SearchTables, num: int):
-  """Removes the ``num`` lowest-priority entries.
+def pop(tables: SearchTables, num: int, active: jax.Array | bool = True):
+  """Removes the ``num`` lowest-priority entries (nothing when ``active`` is false).
 
   Returns ``(tables, priority [num], g [num], node [num], action [num], valid [num])`` where
-  ``valid`` is false for empty slots and stale entries.
+  ``valid`` is false for empty slots and stale entries (and everywhere when not active).
   """
+  o = tables.open_priority.shape[0]
   neg, idx = jax.lax.top_k(-tables.open_priority, num)
   priority = -neg
   node = tables.open_node[idx]
   g = tables.open_g[idx]
   action = tables.open_action[idx]
-  valid = jnp.isfinite(priority) & (g <= tables.node_g[node])
-  tables = tables.replace(open_priority=tables.open_priority.at[idx].set(jnp.inf))
+  valid = jnp.isfinite(priority) & (g <= tables.node_g[node]) & active
+  removed = jnp.where(active, idx, o)
+  tables = tables.replace(open_priority=tables.open_priority.at[removed].set(jnp.inf, mode="drop"))
   return tables, priority, g, node, action, valid
 
 

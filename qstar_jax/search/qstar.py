@@ -24,7 +24,7 @@ from flax import struct
 
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.search import open_list as ol
-from qstar_jax.search.astar import LoopState, finish, init_loop, record_goals, should_continue
+from qstar_jax.search.astar import finish, init_loop, record_goals, run_batched
 from qstar_jax.search.result import SearchResult
 
 QFn = Callable[[Any, jax.Array], jax.Array]  # (params, states [K, D]) -> q [K, A]
@@ -41,44 +41,57 @@ class EdgeStore:
   than O(nodes * A). Actions that do not change the state are stored as +inf and never popped.
   """
 
-  q_sorted: jax.Array  # [C, A] float32
-  action_sorted: jax.Array  # [C, A] int32
+  q_sorted: jax.Array  # [C + 1, A] float32 (the last row is scratch)
+  action_sorted: jax.Array  # [C + 1, A] int32
 
 
-def _store_edges(edges: EdgeStore, index: jax.Array, q: jax.Array, valid_actions: jax.Array,
-                 mask: jax.Array) -> tuple[EdgeStore, jax.Array]:
-  """Sorts ``q [K, A]`` per row and writes it at node rows ``index [K]`` where ``mask``.
-
-  Returns the store and each row's cheapest q ``[K]`` (+inf when no action is valid)."""
-  capacity = edges.q_sorted.shape[0]
+def _sort_edges(q: jax.Array, valid_actions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows of ``q [K, A]`` sorted ascending (invalid actions +inf) and their action order."""
   q = jnp.where(valid_actions, q, jnp.inf).astype(jnp.float32)
   order = jnp.argsort(q, axis=-1).astype(jnp.int32)
-  q_sorted = jnp.take_along_axis(q, order, axis=-1)
-  dst = jnp.where(mask, index, capacity)
-  return EdgeStore(q_sorted=edges.q_sorted.at[dst].set(q_sorted, mode="drop"),
-                   action_sorted=edges.action_sorted.at[dst].set(order, mode="drop")), q_sorted[:, 0]
+  return jnp.take_along_axis(q, order, axis=-1), order
 
 
-def _qstar_one(params, start, weight, max_iterations, *, env: PuzzleEnv, q_fn: QFn,
-               batch_pops: int, node_capacity: int, open_capacity: int, table_capacity: int,
-               max_path_len: int) -> SearchResult:
+def _write_edges(edges: EdgeStore, pending) -> EdgeStore:
+  """Writes rows ``(dst [K], q_sorted [K, A], order [K, A])``; masked rows have ``dst`` = the
+  scratch last row (an unconditional scatter: a masked, select-based one made XLA copy the
+  whole store)."""
+  dst, q_sorted, order = pending
+  return EdgeStore(q_sorted=edges.q_sorted.at[dst].set(q_sorted),
+                   action_sorted=edges.action_sorted.at[dst].set(order))
+
+
+def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleEnv, q_fn: QFn,
+                   batch_pops: int, node_capacity: int, open_capacity: int, table_capacity: int,
+                   max_path_len: int) -> SearchResult:
   a = env.num_actions
   costs = jnp.asarray(env.action_costs)
-  loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
-                   table_capacity=table_capacity)
-  edges = EdgeStore(q_sorted=jnp.full((node_capacity, a), jnp.inf, jnp.float32),
-                    action_sorted=jnp.zeros((node_capacity, a), jnp.int32))
-  root = jnp.zeros((1,), jnp.int32)
-  q0 = q_fn(params, start[None])  # [1, A]
-  edges, best0 = _store_edges(edges, root, q0, env.valid_action_mask(start[None]),
-                              jnp.ones((1,), bool))
-  tables = ol.push(loop.tables, best0, jnp.zeros((1,)), root, root,
-                   jnp.isfinite(best0) & ~env.is_goal(start[None]))
-  loop = loop.replace(tables=tables, network_calls=loop.network_calls + 1)
 
-  def body(carry):
-    loop, edges = carry
-    tables, _, g, node, rank, valid = ol.pop(loop.tables, batch_pops)
+  def init_one(start):
+    loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
+                     table_capacity=table_capacity)
+    # One extra row receives the writes of masked entries (see _store_edges).
+    edges = EdgeStore(q_sorted=jnp.full((node_capacity + 1, a), jnp.inf, jnp.float32),
+                      action_sorted=jnp.zeros((node_capacity + 1, a), jnp.int32))
+    root = jnp.zeros((1,), jnp.int32)
+    q0 = q_fn(params, start[None])  # [1, A]
+    q0_sorted, order0 = _sort_edges(q0, env.valid_action_mask(start[None]))
+    edges = _write_edges(edges, (root, q0_sorted, order0))
+    tables = ol.push(loop.tables, q0_sorted[:, 0], jnp.zeros((1,)), root, root,
+                     jnp.isfinite(q0_sorted[:, 0]) & ~env.is_goal(start[None]))
+    # Rows waiting to be written at the start of the next iteration (see step_one).
+    pending = (jnp.full((batch_pops,), node_capacity, jnp.int32),
+               jnp.full((batch_pops, a), jnp.inf, jnp.float32),
+               jnp.zeros((batch_pops, a), jnp.int32))
+    return loop.replace(tables=tables, network_calls=loop.network_calls + 1), edges, pending
+
+  def step_one(carry, active):
+    loop, edges, pending = carry
+    # The previous iteration's rows are written first, so every read of the store below depends
+    # on the write (reads after a write let XLA update the [C + 1, A] store in place; a read that
+    # may run before a later write makes it copy the whole store each iteration).
+    edges = _write_edges(edges, pending)
+    tables, _, g, node, rank, valid = ol.pop(loop.tables, batch_pops, active)
     rank = jnp.maximum(rank, 0)
     action = edges.action_sorted[node, rank]
     # The popped node's next edge goes back on the open list.
@@ -95,19 +108,21 @@ def _qstar_one(params, start, weight, max_iterations, *, env: PuzzleEnv, q_fn: Q
     loop = record_goals(loop, goal, child_g, index)
     q = q_fn(params, children)  # [N, A], one batched call
     push = improved & ~goal
-    edges, best = _store_edges(edges, index, q, env.valid_action_mask(children), push)
+    q_sorted, order = _sort_edges(q, env.valid_action_mask(children))
+    best = q_sorted[:, 0]
+    pending = (jnp.where(push, index, node_capacity), q_sorted, order)
     tables = ol.push(tables, weight * child_g + best, child_g, index, jnp.zeros_like(index),
                      push & jnp.isfinite(best))
+    step = active.astype(jnp.int32)
     loop = loop.replace(
-        tables=tables, iterations=loop.iterations + 1,
+        tables=tables, iterations=loop.iterations + step,
         nodes_generated=loop.nodes_generated + jnp.sum(valid, dtype=jnp.int32),
         nodes_expanded=loop.nodes_expanded + jnp.sum(valid, dtype=jnp.int32),
-        network_calls=loop.network_calls + 1)
-    return loop, edges
+        network_calls=loop.network_calls + step)
+    return loop, edges, pending
 
-  loop, _ = jax.lax.while_loop(lambda c: should_continue(c[0], weight, max_iterations), body,
-                               (loop, edges))
-  return finish(env, loop, max_path_len)
+  return run_batched(init_one, step_one, lambda c: finish(env, c[0], max_path_len),
+                     start_states, weight, max_iterations)
 
 
 _STATIC = ("env", "q_fn", "batch_pops", "node_capacity", "open_capacity", "table_capacity",
@@ -116,9 +131,7 @@ _STATIC = ("env", "q_fn", "batch_pops", "node_capacity", "open_capacity", "table
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _qstar_jit(params, start_states, weight, max_iterations, **static) -> SearchResult:
-  one = functools.partial(_qstar_one, **static)
-  return jax.vmap(one, in_axes=(None, 0, None, None))(params, start_states, weight,
-                                                      max_iterations)
+  return _qstar_batched(params, start_states, weight, max_iterations, **static)
 
 
 def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight: float = 1.0,

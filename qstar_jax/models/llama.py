@@ -145,6 +145,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   """
   b, t, hq, hd = q.shape
   hkv = k.shape[2]
+  if t == 1:
+    return _attend_one(q, k, v, mask)
   q = q.reshape(b, t, hkv, hq // hkv, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * (1.0 / math.sqrt(hd))
@@ -152,6 +154,25 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
   probs = jax.nn.softmax(scores, axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
   return out.reshape(b, t, hq * hd)
+
+
+def _attend_one(q, k, v, mask):
+  """`attend` for one query per row (a decode step) as broadcast-multiply-reduce.
+
+  A dot_general here makes XLA:CPU transpose the whole [B, S, Hkv, hd] cache layer into its
+  preferred operand layout at every step; reductions read the cache in place (the FLOPs,
+  B * Hq * S * hd, are negligible next to the weight matmuls).
+  """
+  b, _, hq, hd = q.shape
+  hkv = k.shape[2]
+  g = hq // hkv
+  q32 = q.reshape(b, 1, hkv, g, hd).astype(jnp.float32)            # [B, 1, Hkv, G, hd]
+  k32 = k.astype(jnp.float32)[:, :, :, None, :]                     # [B, S, Hkv, 1, hd]
+  scores = jnp.sum(q32 * k32, axis=-1) * (1.0 / math.sqrt(hd))      # [B, S, Hkv, G]
+  scores = jnp.where(mask[:, 0, :, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=1)                            # over S
+  out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)
+  return out.reshape(b, 1, hq * hd).astype(q.dtype)                 # [B, 1, Hq*hd]
 
 
 class Attention(nnx.Module):

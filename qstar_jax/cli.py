@@ -47,7 +47,16 @@ def load_model(spec: str, dtype: str = "float32"):
     config = get_config(spec[len("preset:"):], param_dtype=dtype, dtype=dtype)
     if config.vocab_size < 256:
       raise ValueError(f"preset {spec!r} has vocab_size={config.vocab_size} < 256 bytes")
-    return init_llama(config, seed=0), ByteTokenizer(config.vocab_size)
+    import jax
+    from flax import nnx
+
+    # Initialise on the host, then move the weights: on an H100 (jax 0.11.2) XLA:GPU was still
+    # compiling the jitted random init of the SmolLM2-shaped model after 4 minutes, while the
+    # host compiles it in seconds.
+    with jax.default_device(jax.devices("cpu")[0]):
+      graphdef, state = nnx.split(init_llama(config, seed=0))
+    return nnx.merge(graphdef, jax.device_put(state, jax.devices()[0])), ByteTokenizer(
+      config.vocab_size)
   from qstar_jax.models import load_pretrained
   return load_pretrained(spec, dtype=dtype)
 

@@ -10,6 +10,7 @@ from qstar_jax.models import apply, flat_param_shapes, from_flat_params, get_con
 from qstar_jax.models.decoding import (
   decode,
   decode_trace_count,
+  decode_unchecked,
   delimiter_token_ids,
   filter_logits,
   sample_steps,
@@ -256,3 +257,22 @@ def test_delimiter_token_ids():
   assert delimiter_token_ids(Toy(), "\n\n") == (2,)
   with pytest.raises(ValueError):
     delimiter_token_ids(Toy(), "")
+
+
+def test_decode_unchecked_inside_a_callers_jit(split):
+  graphdef, params = split
+  lengths = np.array([6, 3, 1])
+  tokens = prompts(3, 7, lengths)
+  ref = decode(graphdef, params, jax.random.key(0), tokens=tokens, lengths=lengths,
+               max_new_tokens=8, greedy=True)
+
+  @jax.jit
+  def search_like(params, tokens, lengths):
+    res = decode_unchecked(graphdef, params, jax.random.key(0), tokens=tokens,
+                           lengths=lengths, cache=None, stop_token_ids=jnp.full((1,), -1),
+                           max_new_tokens=8, cache_max_len=15, greedy=True)
+    return res.tokens, res.cache.lengths
+
+  out, cache_lengths = search_like(params, jnp.asarray(tokens), jnp.asarray(lengths))
+  np.testing.assert_array_equal(out, ref.tokens)
+  np.testing.assert_array_equal(cache_lengths, ref.cache.lengths)

@@ -34,6 +34,7 @@ __all__ = [
     "DecodeResult",
     "StepSamples",
     "decode",
+    "decode_unchecked",
     "sample_steps",
     "delimiter_token_ids",
     "filter_logits",
@@ -275,9 +276,37 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
       cache_max_len=int(cache_max_len), pad_id=int(pad_id), ignore_eos=bool(ignore_eos))
 
 
+_CONFIGS: dict[Any, Any] = {}
+
+
 def _config_of(graphdef, params):
-  # The config is a static attribute of the graph; merging is cheap (no array copies).
-  return nnx.merge(graphdef, params).config
+  # The config is a static attribute of the graph: merge once per graphdef.
+  if graphdef not in _CONFIGS:
+    _CONFIGS[graphdef] = nnx.merge(graphdef, params).config
+  return _CONFIGS[graphdef]
+
+
+def decode_unchecked(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *,
+                     tokens: jax.Array, lengths: jax.Array, cache: KVCache | None,
+                     stop_token_ids: jax.Array, max_new_tokens: int, cache_max_len: int,
+                     greedy: bool = False, temperature: float | jax.Array = 1.0,
+                     top_k: int | None = None, top_p: float | jax.Array | None = None,
+                     num_candidates: int = 1, pad_id: int = 0,
+                     ignore_eos: bool = False) -> DecodeResult:
+  """`decode` without host-side validation, callable inside a caller's jit (e.g. a search).
+
+  All arguments as in `decode`, except: `lengths` [B] int32 and `stop_token_ids` [n] int32
+  (pad with -1) are arrays, and `cache_max_len` is required. The caller guarantees
+  1 <= lengths <= P and max(cached) + max(lengths) + N - 1 <= cache_max_len <= the context.
+  """
+  return _decode_impl(
+      params, rng, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), cache,
+      jnp.asarray(stop_token_ids, jnp.int32), jnp.asarray(temperature, jnp.float32),
+      jnp.asarray(1.0 if top_p is None else top_p, jnp.float32), graphdef=graphdef,
+      max_new_tokens=int(max_new_tokens), num_candidates=int(num_candidates),
+      greedy=bool(greedy), top_k=None if top_k is None else int(top_k),
+      use_top_p=top_p is not None, cache_max_len=int(cache_max_len), pad_id=int(pad_id),
+      ignore_eos=bool(ignore_eos))
 
 
 def sample_steps(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,

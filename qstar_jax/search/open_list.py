@@ -10,8 +10,8 @@ All functions act on ONE problem (no batch axis); the searches ``vmap`` them ove
   state, so hash collisions never merge distinct states. Duplicates: the lower g wins (the node
   keeps its index and takes the better g, parent and action).
 - Open list: fixed-size arrays of entries ``(priority, g, node, action)`` (``action = -1`` for A*'s
-  node entries, the edge's action for Q*); an empty slot has priority +inf. "Pop N" is
-  ``lax.top_k(-priority, N)``; an entry is stale (skipped) when its g is above the node's current
+  node entries, Q*'s edge rank); an empty slot has priority +inf; popped slots are recycled
+  through a free stack. "Pop N" is ``lax.top_k(-priority, N)``; an entry is stale (skipped) when its g is above the node's current
   g (a better path was found after it was pushed).
 Every entry that does not fit is counted (``overflow_nodes``, ``overflow_open``).
 """
@@ -37,6 +37,9 @@ class SearchTables:
   open_g: jax.Array  # [O] float32
   open_node: jax.Array  # [O] int32
   open_action: jax.Array  # [O] int32
+  open_free: jax.Array  # [O] int32, stack of freed slots (first open_free_count are valid)
+  open_free_count: jax.Array  # [] int32
+  open_high: jax.Array  # [] int32, slots >= open_high have never been used
   overflow_nodes: jax.Array  # [] int32
   overflow_open: jax.Array  # [] int32
 
@@ -82,6 +85,9 @@ def init_tables(state_dim: int, *, node_capacity: int, open_capacity: int,
       open_g=jnp.zeros((open_capacity,), jnp.float32),
       open_node=jnp.zeros((open_capacity,), i32),
       open_action=jnp.full((open_capacity,), -1, i32),
+      open_free=jnp.zeros((open_capacity,), i32),
+      open_free_count=jnp.zeros((), i32),
+      open_high=jnp.zeros((), i32),
       overflow_nodes=jnp.zeros((), i32),
       overflow_open=jnp.zeros((), i32),
   )
@@ -141,9 +147,13 @@ def insert_nodes(tables: SearchTables, env: PuzzleEnv, states: jax.Array, g: jax
     improved = improved | better
     pending = pending & ~found
     # Claim empty slots: the lowest row id proposing a slot wins it this round.
+    # (Sorting the K proposals keeps this O(K log K), independent of the table size.)
     want = pending & empty
-    claim = jnp.full((t,), k, jnp.int32).at[jnp.where(want, pos, t)].min(ids, mode="drop")
-    won = want & (claim[pos] == ids)
+    proposal = jnp.where(want, pos, t)
+    order = jnp.lexsort((ids, proposal))
+    sorted_pos = proposal[order]
+    first = jnp.concatenate([jnp.array([True]), sorted_pos[1:] != sorted_pos[:-1]])
+    won = jnp.zeros((k,), bool).at[order].set(first & (sorted_pos < t))
     new_index = tb.num_nodes + jnp.cumsum(won.astype(jnp.int32)) - 1
     fits = won & (new_index < capacity)
     dst = jnp.where(fits, new_index, capacity)
@@ -173,18 +183,31 @@ def insert_nodes(tables: SearchTables, env: PuzzleEnv, states: jax.Array, g: jax
 
 def push(tables: SearchTables, priority: jax.Array, g: jax.Array, node: jax.Array,
          action: jax.Array, mask: jax.Array) -> SearchTables:
-  """Writes the masked entries (all [K]) into free open-list slots; the rest are counted."""
-  k = priority.shape[0]
+  """Writes the masked entries (all [K]) into free open-list slots; the rest are counted.
+
+  Free slots come from the stack of popped slots, then from the never-used tail: O(K), no scan
+  of the open list.
+  """
   o = tables.open_priority.shape[0]
-  free = jnp.nonzero(tables.open_priority == jnp.inf, size=k, fill_value=o)[0]
-  rank = jnp.cumsum(mask.astype(jnp.int32)) - 1
-  dst = jnp.where(mask, free[jnp.clip(rank, 0, k - 1)], o)
+  m = mask.astype(jnp.int32)
+  rank = jnp.cumsum(m) - 1
+  n = jnp.sum(m)
+  free = tables.open_free_count
+  from_stack = rank < free
+  stack_slot = tables.open_free[jnp.clip(free - 1 - rank, 0, o - 1)]
+  tail_slot = tables.open_high + rank - free
+  slot = jnp.where(from_stack, stack_slot, tail_slot)
+  fits = mask & (slot < o)
+  dst = jnp.where(fits, slot, o)
+  used_tail = jnp.maximum(n - free, 0)
   return tables.replace(
       open_priority=tables.open_priority.at[dst].set(priority.astype(jnp.float32), mode="drop"),
       open_g=tables.open_g.at[dst].set(g, mode="drop"),
       open_node=tables.open_node.at[dst].set(node, mode="drop"),
       open_action=tables.open_action.at[dst].set(action, mode="drop"),
-      overflow_open=tables.overflow_open + jnp.sum(mask & (dst == o), dtype=jnp.int32))
+      open_free_count=jnp.maximum(free - n, 0),
+      open_high=jnp.minimum(tables.open_high + used_tail, o),
+      overflow_open=tables.overflow_open + jnp.sum(mask & ~fits, dtype=jnp.int32))
 
 
 def pop(tables: SearchTables, num: int, active: jax.Array | bool = True):
@@ -199,9 +222,16 @@ def pop(tables: SearchTables, num: int, active: jax.Array | bool = True):
   node = tables.open_node[idx]
   g = tables.open_g[idx]
   action = tables.open_action[idx]
-  valid = jnp.isfinite(priority) & (g <= tables.node_g[node]) & active
-  removed = jnp.where(active, idx, o)
-  tables = tables.replace(open_priority=tables.open_priority.at[removed].set(jnp.inf, mode="drop"))
+  occupied = jnp.isfinite(priority) & active
+  valid = occupied & (g <= tables.node_g[node])
+  removed = jnp.where(occupied, idx, o)
+  # Freed slots go on the free stack for later pushes.
+  rank = jnp.cumsum(occupied.astype(jnp.int32)) - 1
+  stack_pos = jnp.where(occupied, tables.open_free_count + rank, o)
+  tables = tables.replace(
+      open_priority=tables.open_priority.at[removed].set(jnp.inf, mode="drop"),
+      open_free=tables.open_free.at[stack_pos].set(idx, mode="drop"),
+      open_free_count=tables.open_free_count + jnp.sum(occupied, dtype=jnp.int32))
   return tables, priority, g, node, action, valid
 
 

@@ -32,7 +32,12 @@ from flax import nnx
 
 from qstar_jax.envs import make_env
 from qstar_jax.envs.puzzle import PuzzleEnv
-from qstar_jax.losses.dqn import q_learning_targets, squared_td_error, value_iteration_targets
+from qstar_jax.losses.dqn import (
+  q_learning_targets,
+  q_targets_from_value,
+  squared_td_error,
+  value_iteration_targets,
+)
 from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
 
 
@@ -56,6 +61,9 @@ class PuzzleTrainConfig:
   learning_rate: float = 1e-3
   lr_decay_rate: float = 0.1  # multiplied into the learning rate over ``steps`` (exponential)
   sampled_actions: int = 0  # Q head: actions with a target per state; 0 = all
+  # Q head: "" = deep Q-learning (bootstrap on min_a' q_target); a path to a trained value
+  # network (train_puzzle head=value, its out/model) = targets c(a) + V(next) from that network.
+  value_target: str = ""
   target_update_every: int = 1000
   target_loss_threshold: float = 0.05
   target_check_every: int = 50
@@ -99,6 +107,15 @@ def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef
                   optimizer: optax.GradientTransformation):
   """``chunk(train_state, base_key) -> (train_state, losses [target_check_every])``, jitted."""
   apply = lambda params, states: nnx.merge(graphdef, params)(env.encode(states))  # noqa: E731
+  if cfg.value_target:
+    if cfg.head != "q":
+      raise ValueError("value_target is only used with head=q")
+    v_model = load_puzzle_net(cfg.value_target)
+    if v_model.config.num_outputs != 1 or v_model.config.input_dim != env.input_dim:
+      raise ValueError(f"value_target {cfg.value_target} is not a value network for {env.name} "
+                       f"(config {v_model.config})")
+    v_graphdef, v_params = nnx.split(v_model)
+    v_apply = lambda params, states: nnx.merge(v_graphdef, params)(env.encode(states))  # noqa: E731
   num_actions = env.num_actions
   m = cfg.sampled_actions or num_actions
 
@@ -112,7 +129,10 @@ def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef
       actions = jnp.broadcast_to(jnp.arange(num_actions), (cfg.batch_size, num_actions))
     else:
       actions = jax.random.randint(key_a, (cfg.batch_size, m), 0, num_actions)
-    y = q_learning_targets(target_params, states, actions, env=env, q_fn=apply)
+    if cfg.value_target:
+      y = q_targets_from_value(v_params, states, actions, env=env, value_fn=v_apply)
+    else:
+      y = q_learning_targets(target_params, states, actions, env=env, q_fn=apply)
     q = jnp.take_along_axis(apply(params, states), actions, axis=1)
     # A move off the n-puzzle board is a self-loop whose target would bootstrap on itself: skip.
     valid = jnp.take_along_axis(env.valid_action_mask(states), actions, axis=1)

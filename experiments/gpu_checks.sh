@@ -33,12 +33,12 @@ for section in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
       python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" ;;
     decode)
-      run decode 240 python3 -m experiments.bench_decode gpu=true out="$OUT/decode" ;;
+      run decode "${DECODE_LIMIT:-240}" python3 -m experiments.bench_decode gpu=true out="$OUT/decode" ;;
     quant)
       run quant 200 python3 -m experiments.bench_quant --gpu --out "$OUT/quant.json" ;;
     puzzle)
-      for preset in cube3_q1884_gpu_short cube3_q12_gpu_short cube3_v_gpu_short; do
-        run "$preset" 150 python3 -m experiments.train_puzzle preset=$preset out=/tmp/$preset
+      for preset in ${PUZZLE_PRESETS:-cube3_v_gpu_short cube3_q12_gpu_short cube3_q1884_gpu_short}; do
+        run "$preset" "${PUZZLE_LIMIT:-150}" python3 -m experiments.train_puzzle preset=$preset out=/tmp/$preset
         tar czf "$OUT/$preset.tgz" -C /tmp "$preset" 2>/dev/null
       done ;;
     *) echo "unknown section $section" ;;

@@ -57,8 +57,8 @@ class SearchSettings:
 class QStarSearchConfig:
   checkpoints: str = ""  # folder of trained networks; "" = experiments/checkpoints
   cube_value_net: str = "cube3_v_cpu"
-  cube_q12_net: str = "cube3_q12_cpu"
-  cube_q1884_net: str = "cube3_q1884_cpu"
+  cube_q12_net: str = "cube3_q12_vdistill_cpu"
+  cube_q1884_net: str = "cube3_q1884_vdistill_cpu"
   puzzle15_value_net: str = "puzzle15_v_cpu"
   puzzle15_q_net: str = "puzzle15_q_cpu"
   sections: tuple[str, ...] = ("ratio", "deepcubea_cube3", "deepcubea_puzzle15", "throughput")
@@ -99,18 +99,22 @@ def _load(cfg: QStarSearchConfig, name: str, env: PuzzleEnv):
 def run_search(method: str, env: PuzzleEnv, fn, params, states: np.ndarray,
                s: SearchSettings, *, desc: str) -> dict[str, Any]:
   """Solves each state alone (B = 1, timed after a compile-warmup call); returns raw records."""
+  # A search never stores more than 1 + (children per iteration) * iterations nodes: capacities
+  # are capped there (static sizes cost time to allocate and scan).
   if method == "astar":
-    open_cap = s.open_capacity or s.node_capacity
+    cap = min(s.node_capacity, 1 + s.batch_pops * env.num_actions * s.max_iterations)
+    open_cap = s.open_capacity or cap
+    open_cap = max(open_cap, s.batch_pops * env.num_actions)
     call = lambda x, iters: astar_search(  # noqa: E731
         params, x, env=env, heuristic_fn=fn, weight=s.weight, batch_pops=s.batch_pops,
-        max_iterations=iters, node_capacity=s.node_capacity, open_capacity=open_cap,
+        max_iterations=iters, node_capacity=cap, open_capacity=open_cap,
         max_path_len=s.max_path_len)
   else:
-    open_cap = s.open_capacity or s.node_capacity * 4
-    open_cap = max(open_cap, s.batch_pops * env.num_actions)
+    cap = min(s.node_capacity, 1 + s.batch_pops * s.max_iterations)
+    open_cap = s.open_capacity or 2 * cap
     call = lambda x, iters: qstar_search(  # noqa: E731
         params, x, env=env, q_fn=fn, weight=s.weight, batch_pops=s.batch_pops,
-        max_iterations=iters, node_capacity=s.node_capacity, open_capacity=open_cap,
+        max_iterations=iters, node_capacity=cap, open_capacity=open_cap,
         max_path_len=s.max_path_len)
   jax.block_until_ready(call(states[:1], 1))  # compile (same shapes as the timed calls)
   recs = []
@@ -210,7 +214,7 @@ def throughput_section(cfg: QStarSearchConfig) -> list[dict]:
       cap = n * iters + 1
       call = lambda x, it, n=n, cap=cap, env=env, fn=fn, params=params: qstar_search(  # noqa: E731
           params, x, env=env, q_fn=fn, batch_pops=n, max_iterations=it, node_capacity=cap,
-          open_capacity=cap * env.num_actions, weight=0.6)
+          weight=0.6)
       jax.block_until_ready(call(state, 1))
       t0 = time.perf_counter()
       r = jax.block_until_ready(call(state, iters))

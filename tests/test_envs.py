@@ -198,7 +198,6 @@ def test_cube_validation_errors():
 def test_cube_invariants_hold_on_random_move_sequences():
   """Every state reachable by moves validates; each single sticker corruption is rejected."""
   env = cube3()
-  rng = np.random.default_rng(0)
   s, _ = env.scramble(jax.random.key(7), num_states=20, max_depth=40)
   s = env.validate_states(s)
   for row in s[:5]:

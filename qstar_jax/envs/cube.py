@@ -40,7 +40,7 @@ def _compose(perms: list[np.ndarray]) -> np.ndarray:
   return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _action_table(meta_actions: bool) -> tuple[np.ndarray, np.ndarray, tuple[tuple[int, ...], ...]]:
   base = _base_move_perms()
   seqs: list[tuple[int, ...]] = [(a,) for a in range(12)]
@@ -52,7 +52,7 @@ def _action_table(meta_actions: bool) -> tuple[np.ndarray, np.ndarray, tuple[tup
   return perms, costs, tuple(seqs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cubies() -> dict:
   """Cubie structure derived from the move permutations.
 
@@ -222,7 +222,7 @@ class Cube3(PuzzleEnv):
     return arr
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cube3(meta_actions: bool = False) -> Cube3:
   """The (cached, so jit-static-stable) cube environment."""
   return Cube3.create(meta_actions)

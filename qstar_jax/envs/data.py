@@ -25,7 +25,7 @@ def _data_dir() -> pathlib.Path:
     return repo.parent / "shared" / "data"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_deepcubea(name: str) -> dict[str, np.ndarray]:
   """The DeepCubeA test set ``name`` in {"cube3", "puzzle15"} as a dict of numpy arrays.
 

@@ -23,7 +23,7 @@ ACTION_NAMES = ("U", "D", "L", "R")
 _TILE_OFFSET = {"U": (1, 0), "D": (-1, 0), "L": (0, 1), "R": (0, -1)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _perm_table(width: int) -> np.ndarray:
   """[D, 4, D] int32: gather indices of each action for each blank position."""
   d = width * width
@@ -99,7 +99,7 @@ class NPuzzle(PuzzleEnv):
     return jnp.sum(jnp.where(states == 0, 0, dist), axis=-1).astype(jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def npuzzle(width: int) -> NPuzzle:
   """The (cached, so jit-static-stable) n-puzzle of the given width (3: 8-puzzle, 4: 15, 5: 24)."""
   return NPuzzle.create(width)

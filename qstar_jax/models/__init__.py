@@ -79,3 +79,8 @@ __all__ += [
   "Tokenizer",
   "train_sentencepiece",
 ]
+
+# Puzzle networks (Q* search helper).
+from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig, puzzle_net_apply_fn  # noqa: E402
+
+__all__ += ["PuzzleNet", "PuzzleNetConfig", "puzzle_net_apply_fn"]

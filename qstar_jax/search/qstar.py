@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-
 from flax import struct
 
 from qstar_jax.envs.puzzle import PuzzleEnv

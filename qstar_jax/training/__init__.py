@@ -44,3 +44,8 @@ __all__ = [
   "train",
   "write_results",
 ]
+
+# Puzzle heuristics: DAVI / deep Q-learning (Q* search helper).
+from qstar_jax.training.puzzle import PuzzleTrainConfig, load_puzzle_net, train_puzzle  # noqa: E402
+
+__all__ += ["PuzzleTrainConfig", "load_puzzle_net", "train_puzzle"]

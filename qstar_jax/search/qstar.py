@@ -69,7 +69,7 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
   def init_one(start):
     loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
                      table_capacity=table_capacity)
-    # One extra row receives the writes of masked entries (see _store_edges).
+    # One extra row receives the writes of masked entries (see _write_edges).
     edges = EdgeStore(q_sorted=jnp.full((node_capacity + 1, a), jnp.inf, jnp.float32),
                       action_sorted=jnp.zeros((node_capacity + 1, a), jnp.int32))
     root = jnp.zeros((1,), jnp.int32)

@@ -51,6 +51,7 @@ class SearchSettings:
   node_capacity: int = 200_000
   open_capacity: int = 0  # 0: node_capacity (A*) / node_capacity * 4 (Q*)
   max_path_len: int = 64
+  edges_per_node: int = 0  # Q*: keep each node's E cheapest edges (lax.top_k); 0 = all (sort)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +79,7 @@ class QStarSearchConfig:
   # Throughput: jitted Q* nodes generated per second for each N (cube, fixed iterations).
   throughput_batch_pops: tuple[int, ...] = (1, 10, 100, 1000)
   throughput_iterations: int = 30
+  throughput_edges_per_node: int = 64  # also measured at 1,884 actions (besides all edges)
   out: str = ""
 
 
@@ -115,7 +117,7 @@ def run_search(method: str, env: PuzzleEnv, fn, params, states: np.ndarray,
     call = lambda x, iters: qstar_search(  # noqa: E731
         params, x, env=env, q_fn=fn, weight=s.weight, batch_pops=s.batch_pops,
         max_iterations=iters, node_capacity=cap, open_capacity=open_cap,
-        max_path_len=s.max_path_len)
+        max_path_len=s.max_path_len, edges_per_node=s.edges_per_node or None)
   jax.block_until_ready(call(states[:1], 1))  # compile (same shapes as the timed calls)
   recs = []
   for x in progress(states, desc=desc, unit="state"):
@@ -206,20 +208,23 @@ def throughput_section(cfg: QStarSearchConfig) -> list[dict]:
   iterations: nodes generated per second of the jitted search, per N and action space."""
   out = []
   state = load_deepcubea("cube3")["states"][:1]
-  for actions, name in ((12, cfg.cube_q12_net), (1884, cfg.cube_q1884_net)):
+  settings = [(12, cfg.cube_q12_net, None), (1884, cfg.cube_q1884_net, None)]
+  if cfg.throughput_edges_per_node:
+    settings.append((1884, cfg.cube_q1884_net, cfg.throughput_edges_per_node))
+  for actions, name, edges in settings:
     env = make_env("cube3", actions)
     fn, params, _ = _load(cfg, name, env)
     for n in cfg.throughput_batch_pops:
       iters = cfg.throughput_iterations
       cap = n * iters + 1
-      call = lambda x, it, n=n, cap=cap, env=env, fn=fn, params=params: qstar_search(  # noqa: E731
+      call = lambda x, it, n=n, cap=cap, env=env, fn=fn, params=params, edges=edges: qstar_search(  # noqa: E731
           params, x, env=env, q_fn=fn, batch_pops=n, max_iterations=it, node_capacity=cap,
-          weight=0.6)
+          weight=0.6, edges_per_node=edges)
       jax.block_until_ready(call(state, 1))
       t0 = time.perf_counter()
       r = jax.block_until_ready(call(state, iters))
       sec = time.perf_counter() - t0
-      out.append({"actions": actions, "batch_pops": n, "iterations": int(r.iterations[0]),
+      out.append({"actions": actions, "edges_per_node": edges or actions, "batch_pops": n, "iterations": int(r.iterations[0]),
                   "nodes_generated": int(r.nodes_generated[0]), "seconds": sec,
                   "nodes_per_second": int(r.nodes_generated[0]) / sec})
   return out
@@ -265,7 +270,9 @@ def make_table(cfg: QStarSearchConfig, runs, rat, throughput) -> str:
   if ratio_runs:
     md += ["", f"Ratio rows: {ratio_runs[0]['states']}.",
            f"Search: lambda = {cfg.ratio_search.weight}, N = {cfg.ratio_search.batch_pops} pops "
-           f"per iteration at 12 actions, N = {cfg.ratio_search_1884.batch_pops} at 1,884."]
+           f"per iteration at 12 actions, N = {cfg.ratio_search_1884.batch_pops} at 1,884; Q* at "
+           f"1,884 keeps {cfg.ratio_search_1884.edges_per_node or 1884} edges per node (lax.top_k; "
+           "overflows count nodes whose kept edges ran out)."]
   md += ["", "## Headline ratios (cube scrambles)", "",
          markdown_table(["ratio", "value", "target (paper)"], [
              ["A* / Q* nodes generated, 1,884 actions", _fmt(rat["astar_over_qstar_nodes"], "{:.1f}x"),
@@ -291,9 +298,10 @@ def make_table(cfg: QStarSearchConfig, runs, rat, throughput) -> str:
                               "% optimal (ours / DeepCubeA)"], prow))
   if throughput:
     md += ["", "## Jitted Q* throughput (cube, one problem, this machine)", "",
-           markdown_table(["actions", "N (pops / iteration)", "iterations", "nodes generated",
-                           "seconds", "nodes / second"],
-                          [[t["actions"], t["batch_pops"], t["iterations"], t["nodes_generated"],
+           markdown_table(["actions", "edges kept per node", "N (pops / iteration)", "iterations",
+                           "nodes generated", "seconds", "nodes / second"],
+                          [[t["actions"], t["edges_per_node"], t["batch_pops"], t["iterations"],
+                            t["nodes_generated"],
                             f"{t['seconds']:.3f}", f"{t['nodes_per_second']:.0f}"]
                            for t in throughput])]
   return "\n".join(md) + "\n"
@@ -320,10 +328,10 @@ def make_plots(out: pathlib.Path, runs, throughput) -> None:
     plt.close(fig)
   if throughput:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for actions in sorted({t["actions"] for t in throughput}):
-      pts = [t for t in throughput if t["actions"] == actions]
+    for actions, edges in sorted({(t["actions"], t["edges_per_node"]) for t in throughput}):
+      pts = [t for t in throughput if t["actions"] == actions and t["edges_per_node"] == edges]
       ax.plot([t["batch_pops"] for t in pts], [t["nodes_per_second"] for t in pts], "o-",
-              label=f"{actions} actions")
+              label=f"{actions} actions, {edges} edges kept")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("N (edges popped per iteration)")

@@ -264,3 +264,16 @@ def test_search_input_validation():
                  node_capacity=100)
   with pytest.raises(ValueError, match="shape"):
     qstar_search(None, np.zeros((1, 16), np.uint8), env=ENV8, q_fn=manhattan_q)
+
+
+def test_edges_per_node_top_k_matches_sort_prefix():
+  from qstar_jax.search.qstar import _sort_edges
+
+  q = jax.random.normal(jax.random.key(0), (5, 40))
+  valid = jax.random.uniform(jax.random.key(1), (5, 40)) > 0.2
+  full_q, full_a, cut_full = _sort_edges(q, valid, 40)
+  part_q, part_a, cut = _sort_edges(q, valid, 8)
+  np.testing.assert_array_equal(part_q, full_q[:, :8])
+  np.testing.assert_array_equal(part_a, full_a[:, :8])
+  assert not np.any(cut_full) and np.all(cut)
+  assert np.all(np.isinf(full_q[~np.asarray(jnp.take_along_axis(valid, full_a, 1))]))

@@ -40,15 +40,22 @@ class EdgeStore:
   than O(nodes * A). Actions that do not change the state are stored as +inf and never popped.
   """
 
-  q_sorted: jax.Array  # [C + 1, A] float32 (the last row is scratch)
-  action_sorted: jax.Array  # [C + 1, A] int32
+  q_sorted: jax.Array  # [C + 1, E] float32 (E = edges_per_node; the last row is scratch)
+  action_sorted: jax.Array  # [C + 1, E] int32
 
 
-def _sort_edges(q: jax.Array, valid_actions: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Rows of ``q [K, A]`` sorted ascending (invalid actions +inf) and their action order."""
+def _sort_edges(q: jax.Array, valid_actions: jax.Array,
+                edges_per_node: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The ``edges_per_node`` cheapest entries of each row of ``q [K, A]`` in ascending order
+  (invalid actions +inf), their actions, and whether finite edges were left out ``[K]``."""
   q = jnp.where(valid_actions, q, jnp.inf).astype(jnp.float32)
-  order = jnp.argsort(q, axis=-1).astype(jnp.int32)
-  return jnp.take_along_axis(q, order, axis=-1), order
+  a = q.shape[-1]
+  if edges_per_node >= a:
+    order = jnp.argsort(q, axis=-1).astype(jnp.int32)
+    return jnp.take_along_axis(q, order, axis=-1), order, jnp.zeros(q.shape[:-1], bool)
+  neg, order = jax.lax.top_k(-q, edges_per_node)  # partial selection: O(A) per row
+  cut = jnp.sum(jnp.isfinite(q), axis=-1) > edges_per_node
+  return -neg, order.astype(jnp.int32), cut
 
 
 def _write_edges(edges: EdgeStore, pending) -> EdgeStore:
@@ -62,26 +69,27 @@ def _write_edges(edges: EdgeStore, pending) -> EdgeStore:
 
 def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleEnv, q_fn: QFn,
                    batch_pops: int, node_capacity: int, open_capacity: int, table_capacity: int,
-                   max_path_len: int) -> SearchResult:
+                   max_path_len: int, edges_per_node: int) -> SearchResult:
   a = env.num_actions
+  e = min(edges_per_node, a)
   costs = jnp.asarray(env.action_costs)
 
   def init_one(start):
     loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
                      table_capacity=table_capacity)
     # One extra row receives the writes of masked entries (see _write_edges).
-    edges = EdgeStore(q_sorted=jnp.full((node_capacity + 1, a), jnp.inf, jnp.float32),
-                      action_sorted=jnp.zeros((node_capacity + 1, a), jnp.int32))
+    edges = EdgeStore(q_sorted=jnp.full((node_capacity + 1, e), jnp.inf, jnp.float32),
+                      action_sorted=jnp.zeros((node_capacity + 1, e), jnp.int32))
     root = jnp.zeros((1,), jnp.int32)
     q0 = q_fn(params, start[None])  # [1, A]
-    q0_sorted, order0 = _sort_edges(q0, env.valid_action_mask(start[None]))
+    q0_sorted, order0, _ = _sort_edges(q0, env.valid_action_mask(start[None]), e)
     edges = _write_edges(edges, (root, q0_sorted, order0))
     tables = ol.push(loop.tables, q0_sorted[:, 0], jnp.zeros((1,)), root, root,
                      jnp.isfinite(q0_sorted[:, 0]) & ~env.is_goal(start[None]))
     # Rows waiting to be written at the start of the next iteration (see step_one).
     pending = (jnp.full((batch_pops,), node_capacity, jnp.int32),
-               jnp.full((batch_pops, a), jnp.inf, jnp.float32),
-               jnp.zeros((batch_pops, a), jnp.int32))
+               jnp.full((batch_pops, e), jnp.inf, jnp.float32),
+               jnp.zeros((batch_pops, e), jnp.int32))
     return loop.replace(tables=tables, network_calls=loop.network_calls + 1), edges, pending
 
   def step_one(carry, active):
@@ -94,10 +102,13 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
     rank = jnp.maximum(rank, 0)
     action = edges.action_sorted[node, rank]
     # The popped node's next edge goes back on the open list.
-    next_rank = jnp.minimum(rank + 1, a - 1)
-    next_q = jnp.where(rank + 1 < a, edges.q_sorted[node, next_rank], jnp.inf)
+    next_rank = jnp.minimum(rank + 1, e - 1)
+    next_q = jnp.where(rank + 1 < e, edges.q_sorted[node, next_rank], jnp.inf)
     tables = ol.push(tables, weight * g + next_q, g, node, next_rank,
                      valid & jnp.isfinite(next_q))
+    if e < a:  # the node's kept edges are used up; its other edges are dropped: counted
+      tables = tables.replace(overflow_open=tables.overflow_open + jnp.sum(
+          valid & (rank + 1 == e), dtype=jnp.int32))
     parents = tables.node_states[node]  # [N, D]
     children = env.step(parents, action)  # only the popped edges' children
     child_g = g + costs[action]
@@ -107,7 +118,7 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
     loop = record_goals(loop, goal, child_g, index)
     q = q_fn(params, children)  # [N, A], one batched call
     push = improved & ~goal
-    q_sorted, order = _sort_edges(q, env.valid_action_mask(children))
+    q_sorted, order, _ = _sort_edges(q, env.valid_action_mask(children), e)
     best = q_sorted[:, 0]
     pending = (jnp.where(push, index, node_capacity), q_sorted, order)
     tables = ol.push(tables, weight * child_g + best, child_g, index, jnp.zeros_like(index),
@@ -125,7 +136,7 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
 
 
 _STATIC = ("env", "q_fn", "batch_pops", "node_capacity", "open_capacity", "table_capacity",
-           "max_path_len")
+           "max_path_len", "edges_per_node")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
@@ -136,13 +147,17 @@ def _qstar_jit(params, start_states, weight, max_iterations, **static) -> Search
 def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight: float = 1.0,
                  batch_pops: int = 1, max_iterations: int = 1000, node_capacity: int = 100_000,
                  open_capacity: int | None = None, table_capacity: int | None = None,
-                 max_path_len: int = 64) -> SearchResult:
+                 max_path_len: int = 64, edges_per_node: int | None = None) -> SearchResult:
   """Batched Q* search from ``start_states [B, D]``; jitted, vmapped over problems.
 
   ``q_fn(params, states [K, D]) -> q [K, A]`` (identity-stable, pure). ``nodes_generated`` =
   ``nodes_expanded`` = popped non-stale edges (each generates exactly one child). Memory: the
   sorted q-values of every stored node, ``node_capacity * A`` floats and ints (``EdgeStore``);
   the open list holds one entry per node (``open_capacity`` default ``2 * node_capacity``).
+  ``edges_per_node`` (default: all A, exact): keep only each node's E cheapest edges, selected
+  with ``lax.top_k`` instead of a full sort (memory ``node_capacity * E``); popping a node's
+  last kept edge while it has more actions counts one ``overflow_open`` (its other edges are
+  dropped), so the result says when the cut mattered.
   """
   states = env.validate_states(start_states)
   open_capacity = open_capacity or 2 * node_capacity
@@ -153,7 +168,10 @@ def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight
   if max_iterations < 0 or max_path_len <= 0:
     raise ValueError(f"max_iterations must be >= 0 and max_path_len > 0, got {max_iterations}, "
                      f"{max_path_len}")
+  if edges_per_node is not None and edges_per_node <= 0:
+    raise ValueError(f"edges_per_node must be a positive integer, got {edges_per_node}")
   return _qstar_jit(params, jnp.asarray(states), jnp.float32(weight), jnp.int32(max_iterations),
                     env=env, q_fn=q_fn, batch_pops=batch_pops, node_capacity=node_capacity,
                     open_capacity=open_capacity, table_capacity=table_capacity,
-                    max_path_len=max_path_len)
+                    max_path_len=max_path_len,
+                    edges_per_node=edges_per_node or env.num_actions)

@@ -223,10 +223,7 @@ def test_same_shapes_do_not_recompile(split):
            lengths=[2 + seed, 4, 7], stop_token_ids=[seed],
            **{**kwargs, "temperature": 0.5 + seed})
   assert decode_trace_count() == before
-  # A new static size does trace again (the counter is live).
-  decode(graphdef, params, jax.random.key(0), tokens=prompts(3, 7, [5, 1, 2]),
-         lengths=[5, 1, 2], **{**kwargs, "max_new_tokens": 1})
-  assert decode_trace_count() == before + 1
+  # (test_decode_unchecked_inside_a_callers_jit checks that a new trace is counted.)
 
 
 def test_prompt_errors_name_values(split):
@@ -243,6 +240,12 @@ def test_prompt_errors_name_values(split):
   with pytest.raises(PromptError, match="max_new_tokens=60 = 260 exceeds the model context"):
     decode(graphdef, params, jax.random.key(0), tokens=np.zeros((1, 200), np.int32),
            max_new_tokens=60)
+  with pytest.raises(ValueError, match="temperature=0.0: expected > 0"):
+    decode(graphdef, params, jax.random.key(0), tokens=np.zeros((1, 3), np.int32),
+           max_new_tokens=2, temperature=0.0)
+  with pytest.raises(ValueError, match="top_p=1.5"):
+    decode(graphdef, params, jax.random.key(0), tokens=np.zeros((1, 3), np.int32),
+           max_new_tokens=2, top_p=1.5)
 
 
 def test_delimiter_token_ids():
@@ -273,6 +276,8 @@ def test_decode_unchecked_inside_a_callers_jit(split):
                            max_new_tokens=8, cache_max_len=15, greedy=True)
     return res.tokens, res.cache.lengths
 
+  before = decode_trace_count()
   out, cache_lengths = search_like(params, jnp.asarray(tokens), jnp.asarray(lengths))
+  assert decode_trace_count() == before + 1  # the trace counter is live
   np.testing.assert_array_equal(out, ref.tokens)
   np.testing.assert_array_equal(cache_lengths, ref.cache.lengths)

@@ -15,6 +15,7 @@ from qstar_jax.models import (
   LlamaConfig,
   PolicyValue,
   apply,
+  apply_hidden,
   flat_param_shapes,
   from_flat_params,
   get_config,
@@ -249,7 +250,7 @@ def test_kv_cache_chunked_forward_matches_full():
   full = np.asarray(logits_of(model, tokens))
   # Per-row split points; chunk 1 right-padded with junk, chunk 2 right-aligned per row.
   first = np.array([4, 1, 7])
-  chunk1 = np.full((3, 7), 5, np.int32)
+  chunk1 = np.full((3, 9), 5, np.int32)  # same width as chunk 2: one compile
   for b in range(3):
     chunk1[b, :first[b]] = tokens[b, :first[b]]
   cache = KVCache.init(c, 3, 16)
@@ -305,14 +306,17 @@ def test_quant_hook_used_for_block_projections_only(monkeypatch):
 def test_policy_value_heads():
   c = get_config("tiny")
   tokens = jnp.asarray(np.arange(10, dtype=np.int32).reshape(2, 5))
-  shared = PolicyValue(c, rngs=nnx.Rngs(0), shared_trunk=True)
+  shared = PolicyValue(c, rngs=nnx.Rngs(0), shared_trunk=True, policy=make_model(c, seed=2))
   shared.value_head.kernel[...] = jnp.asarray(
       np.random.default_rng(0).standard_normal((64, 1)), jnp.float32)
-  logits, values = shared(tokens)
-  hidden, _ = shared.policy.hidden_states(tokens)
+  graphdef, params = nnx.split(shared)
+  logits, values = jax.jit(lambda p, t: policy_value_apply(graphdef, p, t))(params, tokens)
+  pol_graphdef, pol_params = nnx.split(shared.policy)
+  hidden, _ = jax.jit(lambda p, t: apply_hidden(pol_graphdef, p, t))(pol_params, tokens)
   expected = np.asarray(hidden) @ np.asarray(shared.value_head.kernel[...])[:, 0]
   np.testing.assert_allclose(np.asarray(values), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(shared.policy(tokens)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_of(shared.policy, tokens)),
+                             atol=1e-5)
 
   policy = make_model(c)
   sep = PolicyValue(c, rngs=nnx.Rngs(1), shared_trunk=False, value_tanh=True, policy=policy)
@@ -322,7 +326,8 @@ def test_policy_value_heads():
   graphdef, params = nnx.split(sep)
   logits, values = jax.jit(lambda p, t: policy_value_apply(graphdef, p, t))(params, tokens)
   np.testing.assert_allclose(np.asarray(values), np.tanh(5.0), rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(policy(tokens)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(logits_of(policy, tokens)),
+                             atol=1e-5)
   # The value model is a separate copy: changing it leaves the policy alone.
   sep.value_model.final_norm.scale[...] = sep.value_model.final_norm.scale[...] * 0
   assert float(jnp.abs(sep.policy.final_norm.scale[...]).sum()) > 0

@@ -235,6 +235,14 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
                       "expected at least one token per row")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: expected >= 1")
+  if not greedy and not temperature > 0:
+    raise ValueError(f"temperature={temperature}: expected > 0 (or greedy=True)")
+  if top_k is not None and top_k < 1:
+    raise ValueError(f"top_k={top_k}: expected >= 1 or None")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}: expected in (0, 1] or None")
+  if num_candidates < 1:
+    raise ValueError(f"num_candidates={num_candidates}: expected >= 1")
   lengths_np = np.full((b,), p, np.int32) if lengths is None else np.asarray(lengths, np.int32)
   if lengths_np.shape != (b,):
     raise PromptError(f"lengths has shape {lengths_np.shape}, expected ({b},)")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qstar_jax.models.config import LlamaConfig
-from qstar_jax.models.llama import Llama, get_flat_params, set_flat_params
+from qstar_jax.models.llama import Llama, from_flat_params, get_flat_params
 
 
 class ValueHead(nnx.Module):
@@ -55,8 +55,8 @@ class PolicyValue(nnx.Module):
     if shared_trunk:
       self.value_model = None
     else:
-      self.value_model = Llama(config, rngs=rngs)
-      set_flat_params(self.value_model, get_flat_params(self.policy))
+      # A copy of the policy's weights (no random init to throw away).
+      self.value_model = from_flat_params(config, get_flat_params(self.policy))
     self.value_head = ValueHead(config.hidden_size, rngs=rngs, use_tanh=value_tanh)
 
   def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:

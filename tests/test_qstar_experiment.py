@@ -32,6 +32,24 @@ def _check_runs(results):
       np.testing.assert_array_equal(data["states"][run["state_ids"]], run["start_states"])
 
 
+def test_experiment_puzzle15_fast(tmp_path):
+  """Default-suite check: one section, results format, replayed paths, table."""
+  from experiments.qstar_search import main
+
+  out = tmp_path / "fast"
+  res = main(["sections=[deepcubea_puzzle15]", "deepcubea_puzzle15_states=2",
+              "deepcubea_search.max_iterations=3", "deepcubea_search.batch_pops=2",
+              "deepcubea_search.node_capacity=500", f"out={out}"])
+  saved = json.loads((out / "results.json").read_text())
+  assert [(r["domain"], r["actions"], r["method"]) for r in saved["runs"]] == [
+      ("puzzle15", 4, "astar"), ("puzzle15", 4, "qstar")]
+  assert saved["runs"][0]["state_ids"] == [0, 1]
+  _check_runs(saved)
+  assert all(v is None for v in res["ratios"].values())  # no cube rows: no ratios, not zeros
+  assert "DeepCubeA" in (out / "table.md").read_text()
+
+
+@pytest.mark.slow
 def test_experiment_puzzle15_and_cube_tiny(tmp_path):
   from experiments.qstar_search import main
 

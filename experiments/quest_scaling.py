@@ -301,6 +301,9 @@ def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
       xs, ys = zip(*pts, strict=True)
       ax.plot(xs, ys, "o--" if lab.startswith("STE") else "o-", label=lab)
   ax.set_xscale("log")
+  from matplotlib.ticker import NullFormatter
+
+  ax.xaxis.set_minor_formatter(NullFormatter())  # minor log labels overlap at this width
   ax.set_xlabel("model size in bits (quantized projections at w_bits, the rest 16-bit)")
   ax.set_ylabel("validation loss")
   ax.set_title("QuEST: loss vs model size in bits")

@@ -1,11 +1,9 @@
 """Pallas kernels vs their jnp references (interpret mode on CPU), padding, refusals, Triton
 lowering, and the quantized_matmul dispatcher."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from qstar_jax.kernels import (
   hadamard_quantize,
   hadamard_quantize_reference,
@@ -19,6 +17,7 @@ from qstar_jax.kernels import (
   unpack_int4,
 )
 from qstar_jax.kernels.hadamard_quantize import dequantize_codes
+
 from qstar_jax.quant import QuantConfig, fake_quant_dense
 
 

@@ -14,7 +14,6 @@ from qstar_jax.models.llama import Llama
 from qstar_jax.quant import QuantConfig
 from qstar_jax.quant.convert import QuantizedDense, convert_to_integer
 
-
 # Full multi-head attention in the integer-vs-fake comparisons: with grouped KV heads, the
 # o_proj input at position 0 repeats each KV head's value, so half of its Hadamard coordinates
 # are exactly 0 in exact arithmetic, i.e. ties of the zero-free grid, which float rounding

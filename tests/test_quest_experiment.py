@@ -85,3 +85,13 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
            *argv[3:]])
   assert json.loads((out / "results.json").read_text())["runs"] == runs
   assert not (out / "runs" / "d128_f256_l1_ste1").exists()
+
+
+def test_bench_quant_cpu_mode_runs(tmp_path):
+  bench = pytest.importorskip("experiments.bench_quant")
+  out = tmp_path / "bench.json"
+  summary = bench.main(["--small", "--out", str(out)])
+  qat = summary["qat"]
+  assert qat["fp_step_s"] > 0 and qat["qat_step_s"] > 0
+  assert qat["qat_over_fp"] == pytest.approx(qat["qat_step_s"] / qat["fp_step_s"])
+  assert json.loads(out.read_text())["qat"]["shape"] == qat["shape"]

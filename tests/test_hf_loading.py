@@ -14,7 +14,7 @@ import pytest
 
 from qstar_jax.models import load_pretrained
 from qstar_jax.models.hf_loader import config_from_hf, read_safetensors
-from qstar_jax.models.loading import model_from_flat
+from qstar_jax.models.llama import from_flat_params
 from qstar_jax.models.tokenizer import HFTokenizer
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -63,7 +63,7 @@ def test_rope_scaling_matters():
   ref = np.load(directory / "reference.npz")
   from qstar_jax.models.llama import get_flat_params
 
-  unscaled = model_from_flat(model.config.replace(rope_scaling=None), get_flat_params(model))
+  unscaled = from_flat_params(model.config.replace(rope_scaling=None), get_flat_params(model))
   err = float(np.abs(_logits(unscaled, ref["tokens"]) - ref["logits"]).max())
   assert err > 100 * TOLERANCE
 

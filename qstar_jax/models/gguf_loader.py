@@ -329,7 +329,7 @@ def load_gguf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32"):
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32"):
   """Loads a Llama GGUF file: (Llama model, GGUFTokenizer or None)."""
-  from qstar_jax.models.loading import model_from_flat
+  from qstar_jax.models.llama import from_flat_params
 
   config, flat, tokenizer = load_gguf_checkpoint(path, dtype=dtype)
-  return model_from_flat(config, flat), tokenizer
+  return from_flat_params(config, flat), tokenizer

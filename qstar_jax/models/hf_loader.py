@@ -468,7 +468,7 @@ def load_hf_checkpoint(
 
 def load_hf(directory: str | os.PathLike, *, dtype: str | None = "float32"):
   """Loads a HF Llama/Qwen2 directory: (Llama model, HFTokenizer or None)."""
-  from qstar_jax.models.loading import model_from_flat
+  from qstar_jax.models.llama import from_flat_params
 
   config, flat, tokenizer = load_hf_checkpoint(directory, dtype=dtype)
-  return model_from_flat(config, flat), tokenizer
+  return from_flat_params(config, flat), tokenizer

@@ -13,65 +13,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-from collections.abc import Mapping
-from typing import Any
 
-import numpy as np
+from qstar_jax.models.errors import CheckpointError
 
-from qstar_jax.models.config import LlamaConfig
-from qstar_jax.models.errors import CheckpointError, ShapeMismatchError
-
-__all__ = ["load_pretrained", "model_from_flat"]
-
-
-def model_from_flat(config: LlamaConfig, flat: Mapping[str, Any]):
-  """Builds a `Llama(config)` whose parameters are `flat` (dotted names -> arrays).
-
-  The model is created abstractly (no random initialisation of weights that are about to be
-  overwritten), its parameter state filled from `flat` cast to `config.param_dtype`.
-
-  Raises:
-    CheckpointError: keys missing from `flat` or not in the model (both listed).
-    ShapeMismatchError: a tensor whose shape differs from the model's.
-  """
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from qstar_jax.models.llama import Llama, flat_param_shapes, set_flat_params
-
-  expected = flat_param_shapes(config)
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  if missing or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing tensors {missing}")
-    if unexpected:
-      parts.append(f"unexpected tensors {unexpected}")
-    raise CheckpointError("parameters do not match the model layout: " + "; ".join(parts))
-  for name, shape in expected.items():
-    if tuple(np.shape(flat[name])) != tuple(shape):
-      raise ShapeMismatchError(
-        f"tensor {name} has shape {tuple(np.shape(flat[name]))}, the model config expects "
-        f"{tuple(shape)}"
-      )
-
-  abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  flat_state = nnx.to_flat_state(state)
-  names = [".".join(str(k) for k in path) for path, _ in flat_state]
-  if set(names) != set(expected) or not all(isinstance(v, nnx.Param) for _, v in flat_state):
-    # The model holds more than the contract's parameters: initialise it for real and let
-    # set_flat_params assign (slower, same result).
-    model = Llama(config, rngs=nnx.Rngs(0))
-    set_flat_params(model, dict(flat))
-    return model
-  dtype = jnp.dtype(config.param_dtype)
-  filled = [
-    (path, var.replace(jnp.asarray(flat[name], dtype=dtype)))
-    for (path, var), name in zip(flat_state, names, strict=True)
-  ]
-  return nnx.merge(graphdef, nnx.from_flat_state(filled))
+__all__ = ["load_pretrained"]
 
 
 def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):

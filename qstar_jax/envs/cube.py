@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax.envs.puzzle import PuzzleEnv
+from qstar_jax.envs.puzzle import PuzzleEnv, permutation_parity
 
 # Base moves in the order of cube3_test.npz: (face, direction).
 BASE_MOVE_NAMES = ("U-1", "U1", "D-1", "D1", "L-1", "L1", "R-1", "R1", "B-1", "B1", "F-1", "F1")
@@ -124,19 +124,6 @@ def _corner_twist(state: np.ndarray, corners: list[list[int]]) -> tuple[int, boo
   return total, mirrored
 
 
-def _perm_parity(perm: list[int]) -> int:
-  seen, parity = [False] * len(perm), 0
-  for i in range(len(perm)):
-    if not seen[i]:
-      j, length = i, 0
-      while not seen[j]:
-        seen[j] = True
-        j = perm[j]
-        length += 1
-      parity ^= (length - 1) & 1
-  return parity
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Cube3(PuzzleEnv):
   """Rubik's cube; 12 quarter turns, or 1,884 actions with ``meta_actions=True``."""
@@ -216,7 +203,7 @@ class Cube3(PuzzleEnv):
         raise ValueError(f"cube3: state {n} is unsolvable: corner twist sum {twist} is not 0 mod 3")
       if flips % 2:
         raise ValueError(f"cube3: state {n} is unsolvable: edge flip sum {flips} is odd")
-      if _perm_parity(corner_ids) != _perm_parity(edge_ids):
+      if permutation_parity(corner_ids) != permutation_parity(edge_ids):
         raise ValueError(f"cube3: state {n} is unsolvable: corner and edge permutation parities "
                          "differ")
     return arr

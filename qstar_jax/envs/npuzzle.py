@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qstar_jax.envs.puzzle import PuzzleEnv
+from qstar_jax.envs.puzzle import PuzzleEnv, permutation_parity
 
 ACTION_NAMES = ("U", "D", "L", "R")
 # Offset (row, col) from the blank to the tile that moves, per action: U moves the tile below
@@ -70,15 +70,7 @@ class NPuzzle(PuzzleEnv):
       # Each move swaps the blank with a neighbour: it flips the permutation parity and the
       # parity of the blank's Manhattan distance to its goal cell, so the two must agree.
       perm = [goal_pos[int(v)] for v in s]
-      seen, parity = [False] * len(perm), 0
-      for i in range(len(perm)):
-        if not seen[i]:
-          j, length = i, 0
-          while not seen[j]:
-            seen[j] = True
-            j = perm[j]
-            length += 1
-          parity ^= (length - 1) & 1
+      parity = permutation_parity(perm)
       b = int(np.argmax(s == 0))
       gb = goal_pos[0]
       dist = abs(b // self.width - gb // self.width) + abs(b % self.width - gb % self.width)

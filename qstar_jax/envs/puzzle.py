@@ -225,3 +225,17 @@ class PuzzleEnv(abc.ABC):
       raise ValueError(f"{self.name}: state {int(bad[0])} is not a permutation of "
                        f"0..{self.state_dim - 1}: {arr[bad[0]].tolist()}")
     return arr.astype(np.uint8)
+
+
+def permutation_parity(perm: list[int]) -> int:
+  """0 for an even permutation of 0..n-1, 1 for an odd one (from its cycle lengths)."""
+  seen, parity = [False] * len(perm), 0
+  for i in range(len(perm)):
+    if not seen[i]:
+      j, length = i, 0
+      while not seen[j]:
+        seen[j] = True
+        j = perm[j]
+        length += 1
+      parity ^= (length - 1) & 1
+  return parity

@@ -13,6 +13,8 @@ from qstar_jax.envs.grading import answers_match, extract_final_number, normaliz
     ("First 3 then 4, so \\boxed{-2.5} and later 9", "-2.5"),
     ("He has 3 apples and buys 4 more, 7 apples.", "7"),
     ("The answer is 4. Wait, the answer is 5.", "5"),
+    ("The answer is 1440 / 184 = 1.25.\nNext: 7", "1.25"),
+    ("The answer is 12 dollars.", "12"),
     ("no numbers here", None),
   ],
 )

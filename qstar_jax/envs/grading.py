@@ -16,7 +16,9 @@ _NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
 _CUES = (
   re.compile(r"\\boxed\{\s*(" + _NUMBER + r")\s*\}"),
   re.compile(r"####\s*(" + _NUMBER + r")"),
-  re.compile(r"answer\s*(?:is|:|=)\s*(?:\*\*)?\s*(" + _NUMBER + r")", re.IGNORECASE),
+  # "The answer is 1440 / 184 = 1.25": the statement runs to the end of its line, and its
+  # last number is the one stated.
+  re.compile(r"answer\s*(?:is|:|=)\s*(?:\*\*)?\s*(" + _NUMBER + r"[^\n]*)", re.IGNORECASE),
 )
 _ANY_NUMBER = re.compile(_NUMBER)
 
@@ -59,7 +61,7 @@ def extract_final_number(text: str) -> str | None:
   for cue in _CUES:
     matches = cue.findall(text)
     if matches:
-      return normalize_number(matches[-1])
+      return normalize_number(_ANY_NUMBER.findall(matches[-1])[-1])
   numbers = _ANY_NUMBER.findall(text)
   return normalize_number(numbers[-1]) if numbers else None
 

@@ -12,6 +12,7 @@ __all__ = [
   "CorruptFileError",
   "TokenizerMismatchError",
   "PromptError",
+  "check_tensor_names",
 ]
 
 
@@ -41,3 +42,17 @@ class TokenizerMismatchError(QstarError, ValueError):
 
 class PromptError(QstarError, ValueError):
   """A prompt is empty or longer than the model's context."""
+
+
+def check_tensor_names(missing, unexpected, *, context: str) -> None:
+  """Raises `CheckpointError` listing `missing` and `unexpected` tensor names, if any.
+
+  `context` opens the message ("parameters do not match the model layout").
+  """
+  parts = []
+  if missing:
+    parts.append(f"missing tensors {sorted(missing)}")
+  if unexpected:
+    parts.append(f"unexpected tensors {sorted(unexpected)}")
+  if parts:
+    raise CheckpointError(f"{context}: " + "; ".join(parts))

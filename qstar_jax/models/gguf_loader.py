@@ -38,6 +38,7 @@ from qstar_jax.models.errors import (
   ShapeMismatchError,
   TokenizerMismatchError,
   UnknownArchitectureError,
+  check_tensor_names,
 )
 
 __all__ = [
@@ -264,14 +265,8 @@ def gguf_to_flat(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
       unexpected.append(t.name)
       continue
     plan[target[0]] = (t, target[1])
-  missing = sorted(set(expected) - set(plan))
-  if missing or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing tensors (our names) {missing}")
-    if unexpected:
-      parts.append(f"unexpected tensors {sorted(unexpected)}")
-    raise CheckpointError("GGUF tensors do not match its metadata: " + "; ".join(parts))
+  check_tensor_names(set(expected) - set(plan), unexpected,
+                     context="GGUF tensors do not match its metadata (missing ones by our names)")
   for ours, (t, transpose) in plan.items():
     want = expected[ours][::-1] if transpose else expected[ours]
     got = _numpy_shape(t)

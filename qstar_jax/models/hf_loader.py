@@ -36,6 +36,7 @@ from qstar_jax.models.errors import (
   CorruptFileError,
   ShapeMismatchError,
   UnknownArchitectureError,
+  check_tensor_names,
 )
 
 __all__ = [
@@ -357,20 +358,11 @@ def hf_to_flat(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[s
       unexpected.append(hf_name)
       continue
     mapped[target[0]] = (hf_name, target[1])
-  missing = sorted(set(expected) - set(mapped))
-  if missing or unexpected:
-    parts = []
-    if missing:
-      hf_missing = [_hf_name(n) for n in missing]
-      parts.append(f"missing tensors {hf_missing}")
-    if unexpected:
-      parts.append(f"unexpected tensors {sorted(unexpected)}")
-    raise CheckpointError(
-      "checkpoint does not match config.json "
-      f"({config.architecture}, {config.num_layers} layers, attention_bias="
-      f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings}): "
-      + "; ".join(parts)
-    )
+  check_tensor_names(
+    [_hf_name(n) for n in set(expected) - set(mapped)], unexpected,
+    context="checkpoint does not match config.json "
+    f"({config.architecture}, {config.num_layers} layers, attention_bias="
+    f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings})")
   for ours, (hf_name, transpose) in mapped.items():
     want = expected[ours][::-1] if transpose else expected[ours]
     got = tuple(tensors[hf_name].shape)

@@ -433,18 +433,11 @@ def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
     CheckpointError: keys missing from `flat` or not in the model (both listed).
     ShapeMismatchError: a tensor whose shape differs from the model's.
   """
-  from qstar_jax.models.errors import CheckpointError, ShapeMismatchError
+  from qstar_jax.models.errors import ShapeMismatchError, check_tensor_names
 
   variables = _param_variables(model)
-  missing = sorted(set(variables) - set(flat))
-  unexpected = sorted(set(flat) - set(variables))
-  if missing or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing tensors {missing}")
-    if unexpected:
-      parts.append(f"unexpected tensors {unexpected}")
-    raise CheckpointError("parameters do not match the model layout: " + "; ".join(parts))
+  check_tensor_names(set(variables) - set(flat), set(flat) - set(variables),
+                     context="parameters do not match the model layout")
   for name, var in variables.items():
     shape = tuple(np.shape(flat[name]))
     expected = tuple(var.get_value().shape)

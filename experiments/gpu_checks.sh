@@ -3,6 +3,8 @@
 # (the lead runs it through the device tool; results land in $OUT). Sections, any subset:
 #   bash experiments/gpu_checks.sh env decode quant puzzle
 # Each section has its own time limit and the script goes on when one fails.
+# The puzzle section reads the DeepCubeA sets from $QSTAR_DATA_DIR: on a machine without shared/
+# beside the checkout, carry a copy of shared/data and point the variable at it.
 set -u
 OUT=${OUT:-/tmp/gpu_checks}
 mkdir -p "$OUT"
@@ -37,9 +39,12 @@ for section in "$@"; do
     quant)
       run quant 200 python3 -m experiments.bench_quant --gpu --out "$OUT/quant.json" ;;
     puzzle)
-      for preset in ${PUZZLE_PRESETS:-cube3_v_gpu_short cube3_q12_gpu_short cube3_q1884_gpu_short}; do
-        run "$preset" "${PUZZLE_LIMIT:-150}" python3 -m experiments.train_puzzle preset=$preset out=/tmp/$preset
-        tar czf "$OUT/$preset.tgz" -C /tmp "$preset" 2>/dev/null
+      # The short cube runs of experiments/checkpoints/train_gpu_short.sh (V, then V-distilled
+      # Q heads, then the table); each network comes back as its own tarball (<16 MB each).
+      run puzzle 420 bash experiments/checkpoints/train_gpu_short.sh /tmp/puzzle_gpu
+      for net in /tmp/puzzle_gpu/*/model; do
+        name=$(basename "$(dirname "$net")")
+        tar czf "$OUT/$name.tgz" -C /tmp/puzzle_gpu "$name"
       done ;;
     *) echo "unknown section $section" ;;
   esac

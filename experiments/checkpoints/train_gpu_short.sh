@@ -9,13 +9,13 @@ set -euo pipefail
 OUT=${1:-/tmp/qstar_gpu_short}
 mkdir -p "$OUT"
 for name in cube3_v_gpu_short cube3_q12_vdistill_gpu_short cube3_q1884_vdistill_gpu_short; do
-  python -m experiments.train_puzzle preset=$name out="$OUT/$name" 2>&1 | tail -n 3
+  python3 -m experiments.train_puzzle preset=$name out="$OUT/$name" 2>&1 | tail -n 3
   rm -rf "$OUT/$name/checkpoints"
   mkdir -p experiments/checkpoints/$name
   cp -r "$OUT/$name/model" "$OUT/$name/train_summary.json" "$OUT/$name/metrics.jsonl" \
     experiments/checkpoints/$name/
 done
-python -m experiments.qstar_search preset=cpu cube_value_net=cube3_v_gpu_short \
+python3 -m experiments.qstar_search preset=cpu cube_value_net=cube3_v_gpu_short \
   cube_q12_net=cube3_q12_vdistill_gpu_short cube_q1884_net=cube3_q1884_vdistill_gpu_short \
   sections='[ratio, deepcubea_cube3, throughput]' ratio_min_depth=8 ratio_max_depth=14 \
   out="$OUT/table" 2>&1 | tail -n 45

@@ -55,6 +55,7 @@ class BenchConfig:
   # oversubscribed machine torch's 2-thread runs can be several times slower than 1-thread
   # runs, so the speedup is taken against the FASTEST setting.
   torch_threads: tuple[int, ...] = (0, 1)
+  gemm_floor: bool = True           # also time the step's weight matmuls alone (CPU mode)
   gpu: bool = False
   gpu_runs: tuple[str, ...] = ("preset:smollm2-135m@bfloat16", "preset:smollm2-135m@float32",
                                 "preset:llama-1b@bfloat16")   # MODEL@DTYPE
@@ -113,6 +114,47 @@ def device_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
   jax.block_until_ready(copy(x))
   best = min(_timed(lambda: jax.block_until_ready(copy(x))) for _ in range(repeats))
   return 2 * x.nbytes / best
+
+
+def gemm_floor_step_s(config, batch: int, repeats: int = 5) -> dict[str, float]:
+  """Time of the matmuls alone of one batch-`batch` decode step, fp32, on this backend.
+
+  One jitted chain of exactly the step's weight matmuls — per layer `[B, D] @ [D, q+k+v]`,
+  `[B, Hq hd] @ [Hq hd, D]`, `[B, D] @ [D, 2F]`, `[B, F] @ [F, D]`, then the LM head
+  `[B, D] @ [D, V]` — with distinct random weights of the model's shapes (so, like a real step,
+  every weight byte is streamed from memory once), and nothing else: no attention over the
+  cache, no norms, no sampling. Any decoder that computes these products with this backend's
+  GEMMs needs at least this long per step, so `batch / seconds` bounds its tokens/s. Best of
+  `repeats`.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  hd = config.head_dim or d // config.num_heads
+  qkv, attn = (config.num_heads + 2 * config.num_kv_heads) * hd, config.num_heads * hd
+  key = jax.random.key(0)
+  shapes = [(d, qkv), (attn, d), (d, 2 * f), (f, d)] * config.num_layers + [(d, v)]
+  weights = [jax.random.normal(k, s, jnp.float32) * 0.02
+             for k, s in zip(jax.random.split(key, len(shapes)), shapes, strict=True)]
+
+  @jax.jit
+  def step(x, ws):
+    h = x
+    for i in range(config.num_layers):
+      w_qkv, w_o, w_gu, w_d = ws[4 * i:4 * i + 4]
+      a = (h @ w_qkv)[:, :attn]              # chained, so no product can be skipped
+      h = h + a @ w_o
+      g = h @ w_gu
+      h = h + g[:, :f] @ w_d
+    return h @ ws[-1]
+
+  x = jnp.ones((batch, d), jnp.float32)
+  jax.block_until_ready(step(x, weights))
+  best = min(_timed(lambda: jax.block_until_ready(step(x, weights))) for _ in range(repeats))
+  flops = 2 * batch * sum(a * b for a, b in shapes)
+  return {"seconds": best, "gflop": flops / 1e9, "gflop_per_s": flops / best / 1e9,
+          "tokens_per_s_bound": batch / best}
 
 
 def _timed(fn) -> float:
@@ -178,6 +220,7 @@ def bench_cpu(cfg: BenchConfig) -> dict[str, Any]:
       if cfg.torch else []
   bandwidth = host_copy_bandwidth()
   nbytes = param_bytes(model)
+  floors = {b: gemm_floor_step_s(model.config, b) for b in cfg.batches} if cfg.gemm_floor else {}
   rows, per_batch = [], {}
   for b in cfg.batches:
     ours = bench_decode(model, batch=b, prompt_len=cfg.prompt_len, new_tokens=cfg.new_tokens,
@@ -196,6 +239,11 @@ def bench_cpu(cfg: BenchConfig) -> dict[str, Any]:
         best = theirs
     if best is not None:
       entry["speedup_vs_fastest_transformers"] = ours["tokens_per_s"] / best["tokens_per_s"]
+    if b in floors:
+      entry["gemm_floor"] = dict(floors[b])
+      if best is not None:
+        entry["gemm_floor"]["max_speedup_vs_fastest_transformers"] = (
+            floors[b]["tokens_per_s_bound"] / best["tokens_per_s"])
     per_batch[b] = entry
     target = {1: 1.5, 16: 3.0}.get(b)
     rows.append([b, ours["tokens_per_s"],
@@ -224,7 +272,21 @@ def bench_cpu(cfg: BenchConfig) -> dict[str, Any]:
   if 1 in per_batch:
     table += (f"; batch-1 decode {per_batch[1]['qstar_jax']['decode_tokens_per_s']:.1f} tok/s "
               f"= {result['batch1_fraction_of_bandwidth_limit']:.0%} of it")
-  table += (f".\nLoad average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+  if floors:
+    table += ".\n\nGEMM floor (the step's weight matmuls alone, fp32, distinct weights; "\
+             "bounds any decoder using this backend's GEMMs):\n\n"
+    frows = []
+    for b, fl in floors.items():
+      mx = per_batch[b].get("gemm_floor", {}).get("max_speedup_vs_fastest_transformers")
+      frows.append([b, fl["seconds"] * 1e3, fl["gflop"], fl["gflop_per_s"],
+                    fl["tokens_per_s_bound"], "-" if mx is None else f"{mx:.3g}x"])
+    table += markdown_table(["batch", "GEMM-only step ms", "GFLOP/step", "GFLOP/s",
+                             "tok/s bound", "max speedup vs transformers"], frows,
+                            floatfmt=".3g")
+    table += "\n"
+  else:
+    table += ".\n"
+  table += (f"Load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
             f" on {os.cpu_count()} CPUs.\n")
   return result, table
 

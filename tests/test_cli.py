@@ -59,3 +59,20 @@ def test_bad_arguments_exit_cleanly(capsys):
   assert "--batch=0" in capsys.readouterr().err
   assert cli.main(["generate", "--model", "/nonexistent/model", "--prompt", "a"]) == 2
   assert "/nonexistent/model" in capsys.readouterr().err
+
+
+def test_gemm_floor_counts_every_weight_matmul_once():
+  """The GEMM floor of bench_decode does 2 * B FLOPs per matmul weight: exactly the model's
+  parameters minus the RMSNorm gains and, when the LM head is untied, the embedding table."""
+  from experiments.bench_decode import gemm_floor_step_s
+
+  config = get_config("tiny")
+  model = init_llama(config, seed=0)
+  n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  norm_params = (2 * config.num_layers + 1) * config.hidden_size
+  embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+  assert not config.attention_bias
+  floor = gemm_floor_step_s(config, batch=3, repeats=1)
+  assert floor["gflop"] * 1e9 == pytest.approx(2 * 3 * (n_params - norm_params - embedding),
+                                               rel=1e-12)
+  assert floor["tokens_per_s_bound"] == pytest.approx(3 / floor["seconds"])

@@ -60,8 +60,8 @@ class QStarSearchConfig:
   cube_value_net: str = "cube3_v_cpu"
   cube_q12_net: str = "cube3_q12_vdistill_cpu"
   cube_q1884_net: str = "cube3_q1884_vdistill_cpu"
-  puzzle15_value_net: str = "puzzle15_v_cpu"
-  puzzle15_q_net: str = "puzzle15_q_cpu"
+  puzzle15_value_net: str = "puzzle15_v_cpu_long"
+  puzzle15_q_net: str = "puzzle15_q_vdistill_cpu_long"
   sections: tuple[str, ...] = ("ratio", "deepcubea_cube3", "deepcubea_puzzle15", "throughput")
   # Ratio rows: cube scrambles of uniform random depth in [min, max] quarter turns.
   ratio_num_states: int = 10

@@ -1,0 +1,98 @@
+"""Seed spread of `quest_scaling` runs: per-seed losses, means and paired gaps.
+
+  python -m experiments.quest_seeds DIR [DIR ...] [--out FILE.md]
+
+Each DIR is the `out` of one `python -m experiments.quest_scaling ... train.seed=S` call (the seed
+is read from DIR/results.json). Runs of the same size and precision from different seeds are
+grouped. Because every
+precision of one seed starts from the same initialisation and sees the same batches, gaps are
+paired per seed: `gap(run) = loss(run, seed) / loss(BF16, seed) - 1`, and `QuEST - STE` at equal
+bits is `loss(quest, seed) - loss(ste, seed)`. Prints (and with --out writes) a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+from collections import defaultdict
+
+from experiments.quest_scaling import RUN_KINDS
+
+
+def load_runs(dirs: list[str]) -> dict[tuple[int, str], dict[int, float]]:
+  """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`."""
+  table: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
+  for d in dirs:
+    root = pathlib.Path(d)
+    results = root / "results.json"
+    if not results.is_file():
+      raise FileNotFoundError(f"{results} does not exist: expected the out dir of a finished "
+                              f"quest_scaling run")
+    seed = int(json.loads(results.read_text())["config"]["train"]["seed"])
+    for done in sorted(root.glob("runs/*/result.json")):
+      row = json.loads(done.read_text())
+      run = done.parent.name.rsplit("_", 1)[-1]
+      if run not in RUN_KINDS:
+        raise ValueError(f"{done}: run name {run!r} is not one of {list(RUN_KINDS)}")
+      if not row["finite"] or row["val_loss"] is None:
+        continue
+      if seed in table[(row["params"], run)]:
+        raise ValueError(f"{done}: seed {seed} of {run} at {row['params']} params appears twice")
+      table[(row["params"], run)][seed] = float(row["val_loss"])
+  if not table:
+    raise ValueError(f"no finished runs under {dirs}")
+  return table
+
+
+def _mean_sd(xs: list[float], digits: int = 2) -> str:
+  if len(xs) == 1:
+    return f"{xs[0]:+.{digits}f}"
+  return f"{statistics.mean(xs):+.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def seed_table(table: dict[tuple[int, str], dict[int, float]]) -> str:
+  from qstar_jax.training.results import markdown_table
+
+  rows = []
+  for params in sorted({p for p, _ in table}):
+    base = table.get((params, "bf16"), {})
+    for run in RUN_KINDS:
+      losses = table.get((params, run))
+      if not losses:
+        continue
+      seeds = sorted(losses)
+      per_seed = ", ".join(f"{losses[s]:.4f}" for s in seeds)
+      paired = [s for s in seeds if s in base]
+      gap = (_mean_sd([100 * (losses[s] / base[s] - 1) for s in paired]) + "%"
+             if run != "bf16" and paired else "-")
+      vs_ste = "-"
+      method, bits, _ = RUN_KINDS[run]
+      ste = table.get((params, f"ste{bits}")) if method == "quest" else None
+      if ste:
+        both = [s for s in seeds if s in ste]
+        diffs = [losses[s] - ste[s] for s in both]
+        wins = sum(d <= 0 for d in diffs)
+        vs_ste = f"{_mean_sd(diffs, 4)} (QuEST <= STE in {wins}/{len(diffs)})"
+      rows.append([f"{params / 1e6:.2f}M", run, ", ".join(map(str, seeds)), per_seed,
+                   f"{statistics.mean(losses.values()):.4f}", gap, vs_ste])
+  return markdown_table(["size", "run", "seeds", "val loss per seed", "mean",
+                         "gap to BF16, paired (mean ± sd)", "QuEST - STE, paired (nats)"], rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("dirs", nargs="+")
+  parser.add_argument("--out", default="")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  text = seed_table(load_runs(args.dirs))
+  print(text)
+  if args.out:
+    pathlib.Path(args.out).write_text(text + "\n")
+  return text
+
+
+if __name__ == "__main__":
+  main()

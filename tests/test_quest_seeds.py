@@ -1,0 +1,39 @@
+"""experiments.quest_seeds: grouping by seed and paired gaps, checked by hand on fake run dirs."""
+
+import json
+
+import pytest
+
+from experiments.quest_seeds import load_runs, seed_table
+
+
+def _write(root, seed, losses):
+  (root / "runs").mkdir(parents=True)
+  (root / "results.json").write_text(json.dumps({"config": {"train": {"seed": seed}}}))
+  for run, loss in losses.items():
+    d = root / "runs" / f"d128_f384_l2_{run}"
+    d.mkdir()
+    d.joinpath("result.json").write_text(json.dumps(
+        {"params": 1000, "val_loss": loss, "finite": loss is not None}))
+
+
+def test_paired_gaps_by_hand(tmp_path):
+  _write(tmp_path / "s0", 0, {"bf16": 3.0, "quest4": 3.3, "ste4": 3.15, "quest1": None})
+  _write(tmp_path / "s1", 1, {"bf16": 2.0, "quest4": 2.1, "ste4": 2.2})
+  table = load_runs([str(tmp_path / "s0"), str(tmp_path / "s1")])
+  assert table[(1000, "quest4")] == {0: 3.3, 1: 2.1}
+  assert (1000, "quest1") not in table  # diverged runs are left out
+  text = seed_table(table)
+  row = next(line for line in text.splitlines() if "| quest4 |" in line)
+  # gaps +10% and +5%: mean 7.5, sd 3.54; QuEST - STE: +0.15 and -0.10 -> +0.025 ± 0.1768
+  assert "+7.50 ± 3.54%" in row
+  assert "+0.0250 ± 0.1768 (QuEST <= STE in 1/2)" in row
+
+
+def test_duplicate_seed_and_missing_dir(tmp_path):
+  _write(tmp_path / "a", 0, {"bf16": 3.0})
+  _write(tmp_path / "b", 0, {"bf16": 3.1})
+  with pytest.raises(ValueError, match="seed 0 of bf16"):
+    load_runs([str(tmp_path / "a"), str(tmp_path / "b")])
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    load_runs([str(tmp_path / "nowhere")])

@@ -11,8 +11,8 @@ All functions act on ONE problem (no batch axis); the searches ``vmap`` them ove
   keeps its index and takes the better g, parent and action).
 - Open list: fixed-size arrays of entries ``(priority, g, node, action)`` (``action = -1`` for A*'s
   node entries, Q*'s edge rank); an empty slot has priority +inf; popped slots are recycled
-  through a free stack. "Pop N" is ``lax.top_k(-priority, N)``; an entry is stale (skipped) when its g is above the node's current
-  g (a better path was found after it was pushed).
+  through a free stack. "Pop N" is ``lax.top_k(-priority, N)``; an entry is stale (skipped)
+  when its g is above the node's current g (a better path was found after it was pushed).
 Every entry that does not fit is counted (``overflow_nodes``, ``overflow_open``).
 """
 

@@ -37,7 +37,13 @@ for section in "$@"; do
     decode)
       run decode "${DECODE_LIMIT:-240}" python3 -m experiments.bench_decode gpu=true out="$OUT/decode" ;;
     quant)
-      run quant 200 python3 -m experiments.bench_quant --gpu --out "$OUT/quant.json" ;;
+      # XLA dumps the compiled PTX (the Pallas/Triton kernels included) so that the matrix
+      # instructions can be counted: wgmma (Hopper) or mma.sync (the older, slower path).
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=/tmp/xla_dump_quant" \
+        run quant 240 python3 -m experiments.bench_quant --gpu --out "$OUT/quant.json"
+      echo "=== matrix instructions in the dumped PTX (count, instruction)"
+      grep -rhoE "wgmma\.mma_async[.a-z0-9_]*|mma\.sync\.aligned[.a-z0-9_]*" /tmp/xla_dump_quant \
+        2>/dev/null | sort | uniq -c | sort -rn | head -12 ;;
     puzzle)
       # The short cube runs of experiments/checkpoints/train_gpu_short.sh (V, then V-distilled
       # Q heads, then the table); each network comes back as its own tarball (<16 MB each).

@@ -59,6 +59,22 @@ def test_int8_matmul_scaled_epilogue(m, k, n):
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6)
 
 
+@pytest.mark.parametrize("m,k,n,group_m", [(32, 64, 32, None), (37, 80, 19, 2), (70, 96, 50, 3)])
+def test_int8_matmul_nk_layout_and_grouped_order(m, k, n, group_m):
+  """w given as [N, K] and/or programs in grouped order: the same exact integer product."""
+  rng = np.random.default_rng(m * 31 + k + n)
+  x, w = _int8(rng, (m, k)), _int8(rng, (k, n))
+  xi, wi = np.asarray(x, np.int64), np.asarray(w, np.int64)
+  w_nk = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+  for layout, weight in (("nk", w_nk), ("kn", w)):
+    out = int8_matmul(x, weight, block_m=16, block_n=16, block_k=32, w_layout=layout,
+                      group_m=group_m)
+    np.testing.assert_array_equal(np.asarray(out), xi @ wi)
+  out = int8_matmul(x, w_nk, half_offset=True, block_m=16, block_n=16, block_k=32,
+                    w_layout="nk", group_m=group_m)
+  np.testing.assert_array_equal(np.asarray(out), (2 * xi + 1) @ (2 * wi + 1))
+
+
 def test_int8_matmul_errors():
   x, w = jnp.ones((4, 32), jnp.int8), jnp.ones((32, 8), jnp.int8)
   with pytest.raises(TypeError, match="int8"):
@@ -73,6 +89,12 @@ def test_int8_matmul_errors():
     int8_matmul(x, w, jnp.ones(4), None)
   with pytest.raises(ValueError, match="block_k=24"):
     int8_matmul(x, w, block_k=24)
+  with pytest.raises(ValueError, match="expected \\[N, 32\\]"):
+    int8_matmul(x, w, w_layout="nk")  # w is [K, N]: K sits on the wrong axis
+  with pytest.raises(ValueError, match="w_layout='tn'"):
+    int8_matmul(x, w, w_layout="tn")
+  with pytest.raises(ValueError, match="group_m=0"):
+    int8_matmul(x, w, group_m=0)
 
 
 # ----------------------------------------------------------------------------------- W4A16
@@ -111,6 +133,21 @@ def test_int4_matmul_matches_reference(m, k, n, groups):
                              atol=2e-6 * float(jnp.abs(ref).max()))
 
 
+@pytest.mark.parametrize("m,k,groups,split_k", [(1, 256, 1, 4), (16, 512, 4, 2), (3, 128, 2, 2)])
+def test_int4_matmul_split_k(m, k, groups, split_k):
+  """Split-K partial sums add up to the reference, with group scales inside the chunks."""
+  n = 48
+  rng = np.random.default_rng(m + k + split_k)
+  packed = pack_int4(jnp.asarray(rng.integers(-8, 8, (k, n)), jnp.int8))
+  scale = jnp.asarray(rng.uniform(0.01, 0.1, (groups, n)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  ref = int4_matmul_reference(x, packed, scale, half_offset=True)
+  out = int4_matmul(x, packed, scale, half_offset=True, block_n=16, block_k=32, split_k=split_k)
+  assert out.shape == (m, n)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-6,
+                             atol=2e-6 * float(jnp.abs(ref).max()))
+
+
 def test_int4_matmul_errors():
   packed = jnp.ones((32, 16), jnp.int8)
   x = jnp.ones((2, 64), jnp.float32)
@@ -128,6 +165,10 @@ def test_int4_matmul_errors():
     int4_matmul(jnp.ones((2, 40)), jnp.ones((20, 16), jnp.int8), jnp.ones((1, 16)))
   with pytest.raises(TypeError, match="int8"):
     int4_matmul(x, packed.astype(jnp.uint8), jnp.ones((1, 16)))
+  with pytest.raises(ValueError, match="split_k=3"):
+    int4_matmul(x, packed, jnp.ones((1, 16)), split_k=3)
+  with pytest.raises(ValueError, match="split_k=4\\) does not tile"):  # K/2 = 32: 8-row chunks
+    int4_matmul(x, packed, jnp.ones((1, 16)), split_k=4)
 
 
 # ---------------------------------------------------------------------- Hadamard + quantize
@@ -202,9 +243,15 @@ def test_kernels_lower_to_triton():
   lowered = [
     int8_matmul_pallas.trace(i8, i8.T, s, s, block_m=32, block_n=32, block_k=32, true_k=128,
                              half_offset=True, out_dtype=jnp.float32, backend="triton"),
+    int8_matmul_pallas.trace(i8, i8, s, s, block_m=32, block_n=32, block_k=32, true_k=128,
+                             half_offset=True, out_dtype=jnp.float32, backend="triton",
+                             w_layout="nk", group_m=2),
     int4_matmul_pallas.trace(jnp.ones((16, 128), jnp.bfloat16), jnp.ones((64, 64), jnp.int8),
                              jnp.ones((2, 64)), block_m=16, block_n=32, block_k=32,
                              half_offset=True, backend="triton"),
+    int4_matmul_pallas.trace(jnp.ones((16, 256), jnp.bfloat16), jnp.ones((128, 64), jnp.int8),
+                             jnp.ones((2, 64)), block_m=16, block_n=32, block_k=32,
+                             half_offset=True, backend="triton", split_k=4),
     hadamard_quantize_pallas.trace(jnp.ones((32, 256), jnp.bfloat16), jnp.ones((128, 128)),
                                    bits=4, block_m=16, backend="triton"),
   ]

@@ -95,3 +95,21 @@ def test_bench_quant_cpu_mode_runs(tmp_path):
   assert qat["fp_step_s"] > 0 and qat["qat_step_s"] > 0
   assert qat["qat_over_fp"] == pytest.approx(qat["qat_step_s"] / qat["fp_step_s"])
   assert json.loads(out.read_text())["qat"]["shape"] == qat["shape"]
+
+
+def test_bench_quant_gpu_sweep_self_test():
+  """The GPU sweep script runs end to end on tiny shapes (interpret mode here), checking every
+  configuration against its reference before timing it, so a GPU session does not find a
+  broken script."""
+  bench = pytest.importorskip("experiments.bench_quant")
+  summary = bench.main(["--gpu", "--small"])
+  w8 = summary["w8a8"]
+  assert len(w8["configs"]) == 2
+  for row in w8["configs"]:
+    assert row["exact_int32"] and row["scaled_rel_err"] <= 1e-6 and row["kernel_s"] > 0
+  assert w8["xla_int8_s"] > 0
+  for m in ("1", "16"):
+    rows = summary["w4a16"]["by_m"][m]["configs"]
+    assert len(rows) == 2
+    for row in rows:
+      assert row["rel_err"] <= 1e-5 and row["kernel_s"] > 0

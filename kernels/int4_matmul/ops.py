@@ -22,6 +22,7 @@ def int4_matmul(
   interpret: bool | None = None,
   num_warps: int = 4,
   num_stages: int = 3,
+  split_k: int = 1,
 ) -> jax.Array:
   """`x @ dequantize_int4(packed, scale)` on the Pallas kernel; see `int4_matmul_reference`.
 
@@ -33,7 +34,10 @@ def int4_matmul(
       so that every kernel step of 16..block_k rows lies inside one group).
 
   M and N are zero-padded to the blocks; K must split into whole 16-row tiles per half
-  (K a multiple of 32) and per group, else a ValueError explains which.
+  (K a multiple of 32) and per group, else a ValueError explains which. `split_k` (a power of
+  two) splits the K/2 packed rows into that many chunks run by separate programs, whose partial
+  sums are added afterwards (decode shapes: more programs than N / block_n alone); each chunk
+  must still hold whole 16-row steps.
 
   Returns:
     float32 [M, N].
@@ -58,14 +62,17 @@ def int4_matmul(
   group = k // groups
   for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
     check_block(name, value, minimum=16)
-  # The K step divides both K/2 and the group size, so no step straddles two groups.
+  check_block("split_k", split_k, minimum=1)
+  # The K step divides the chunk K/(2 split_k) and the group size, so no step straddles two
+  # groups or two chunks.
+  chunk = half_k // split_k
   step = block_k
-  while step > 16 and (half_k % step or (groups > 1 and group % step)):
+  while step > 16 and (chunk % step or half_k % split_k or (groups > 1 and group % step)):
     step //= 2
-  if half_k % step or (groups > 1 and group % step):
+  if half_k % split_k or chunk % step or (groups > 1 and group % step):
     raise ValueError(
-      f"int4_matmul: K={k} (group size {group}) does not tile: K/2 and the group size must be "
-      "multiples of 16")
+      f"int4_matmul: K={k} (group size {group}, split_k={split_k}) does not tile: K/2 / split_k "
+      "and the group size must be multiples of 16")
   backend = resolve_backend(interpret)
   block_m = min(block_m, max(16, 1 << (max(m, 1) - 1).bit_length()))
   block_n = min(block_n, max(16, 1 << (max(n, 1) - 1).bit_length()))
@@ -73,6 +80,7 @@ def int4_matmul(
   out = int4_matmul_pallas(
     pad_to(x, (mp, k)), pad_to(packed, (half_k, np_)), pad_to(scale, (groups, np_)),
     block_m=block_m, block_n=block_n, block_k=step, half_offset=half_offset, backend=backend,
-    num_warps=num_warps, num_stages=num_stages,
+    num_warps=num_warps, num_stages=num_stages, split_k=split_k,
   )
+  out = out[0] if split_k == 1 else jnp.sum(out, axis=0)
   return out[:m, :n]

@@ -24,8 +24,14 @@ def int8_matmul(
   interpret: bool | None = None,
   num_warps: int = 4,
   num_stages: int = 3,
+  w_layout: str = "kn",
+  group_m: int | None = None,
 ) -> jax.Array:
   """W8A8 matmul on the Pallas kernel; same contract as `int8_matmul_reference`.
+
+  `w_layout="nk"` takes the weight transposed, w [N, K] (K contiguous: what 8-bit tensor-core
+  MMAs want); the result is the same `x @ w.T`. `group_m` (a positive int) runs the programs in
+  grouped order for L2 reuse; None runs the plain 2-D grid.
 
   Shapes that do not tile are zero-padded up to the blocks (rows and columns of zeros add
   nothing to the int32 accumulator; the half-offset constant uses the true K) and the result
@@ -42,9 +48,17 @@ def int8_matmul(
   if x.ndim != 2 or w.ndim != 2:
     raise ValueError(f"int8_matmul: expected x [M, K] and w [K, N], got {x.shape} and {w.shape}")
   m, k = x.shape
-  if w.shape[0] != k:
+  if w_layout not in ("kn", "nk"):
+    raise ValueError(f"int8_matmul: w_layout={w_layout!r}: expected 'kn' (w [K, N]) or 'nk' "
+                     "(w [N, K])")
+  if group_m is not None and (not isinstance(group_m, int) or group_m < 1):
+    raise ValueError(f"int8_matmul: group_m={group_m!r}: expected a positive int or None")
+  if w_layout == "kn" and w.shape[0] != k:
     raise ValueError(f"int8_matmul: x is [M, K]={x.shape} but w is {w.shape}: expected [{k}, N]")
-  n = w.shape[1]
+  if w_layout == "nk" and w.shape[1] != k:
+    raise ValueError(
+      f"int8_matmul: x is [M, K]={x.shape} but w is {w.shape}: expected [N, {k}] (w_layout='nk')")
+  n = w.shape[0] if w_layout == "nk" else w.shape[1]
   if (x_scale is None) != (w_scale is None):
     raise ValueError("int8_matmul: give both x_scale and w_scale, or neither")
   if x_scale is not None:
@@ -66,7 +80,7 @@ def int8_matmul(
   block_k = min(block_k, max(16, 1 << (max(k, 1) - 1).bit_length()))
   mp, np_, kp = round_up(m, block_m), round_up(n, block_n), round_up(k, block_k)
   xp = pad_to(x, (mp, kp))
-  wp = pad_to(w, (kp, np_))
+  wp = pad_to(w, (np_, kp) if w_layout == "nk" else (kp, np_))
   xs = ws = None
   if x_scale is not None:
     xs = pad_to(x_scale.astype(jnp.float32), (mp,))
@@ -74,6 +88,6 @@ def int8_matmul(
   out = int8_matmul_pallas(
     xp, wp, xs, ws, block_m=block_m, block_n=block_n, block_k=block_k, true_k=k,
     half_offset=half_offset, out_dtype=jnp.dtype(out_dtype), backend=backend,
-    num_warps=num_warps, num_stages=num_stages,
+    num_warps=num_warps, num_stages=num_stages, w_layout=w_layout, group_m=group_m,
   )
   return out[:m, :n]

@@ -247,6 +247,64 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
   return row
 
 
+def window_losses(run_dir: str | pathlib.Path, *, batch_size: int = 32) -> np.ndarray:
+  """Next-token loss of a finished run's final checkpoint on every validation window.
+
+  The table's `val_loss` averages `val_sequences` evenly spaced windows; this evaluates all of
+  them (the whole validation text), one mean loss per window, float64 [num windows]. Used by
+  `experiments.quest_seeds --full-val` to pair two runs window by window, which separates the
+  evaluation's sampling error from the training seed's spread.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from qstar_jax.data.pipeline import pack_tokens
+  from qstar_jax.models.llama import Llama
+  from qstar_jax.training.checkpoint import CheckpointManager, abstract_like
+  from qstar_jax.training.config import config_from_dict
+  from qstar_jax.training.optim import OptimizerConfig, make_optimizer
+
+  run_dir = pathlib.Path(run_dir)
+  config_file = run_dir / "checkpoints" / "config.json"
+  if not (run_dir / "result.json").is_file() or not config_file.is_file():
+    raise FileNotFoundError(f"{run_dir} holds no finished quest_scaling run (result.json and "
+                            "checkpoints/config.json expected)")
+  run_config = json.loads(config_file.read_text())
+  cfg = config_from_dict(QuestScalingConfig, run_config["experiment"])
+  size, run, steps = tuple(run_config["size"]), run_config["run"], int(run_config["steps"])
+  out = run_dir.parent.parent
+  cache = out / "tokenizer" / f"tokens{cfg.vocab_size}.npz"
+  if not cache.is_file():
+    prepare_data(cfg, out)  # retrains the (deterministic) tokenizer and writes the cache
+  windows = pack_tokens(np.load(cache)["val"], cfg.train.seq_len)
+
+  ts = cfg.train
+  graphdef, params = nnx.split(Llama(model_config(cfg, size, run), rngs=nnx.Rngs(ts.seed)))
+  ocfg = OptimizerConfig(lr=ts.lr, warmup_steps=max(1, int(ts.warmup_frac * steps)),
+                         weight_decay=ts.weight_decay, grad_clip_norm=ts.grad_clip_norm)
+  target = {"params": params, "opt_state": make_optimizer(ocfg, total_steps=steps).init(params),
+            "step": jnp.zeros((), jnp.int32)}
+  manager = CheckpointManager(run_dir / "checkpoints", config=run_config)
+  try:
+    last = manager.latest_step()
+    if last != steps:
+      raise ValueError(f"{run_dir}: latest checkpoint is step {last}, expected the final {steps}")
+    params = manager.restore(last, target=abstract_like(target))["params"]
+  finally:
+    manager.close()
+
+  @jax.jit
+  def per_window(p, batch):
+    logits = nnx.merge(graphdef, p)(batch[:, :-1]).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0].mean(axis=-1)
+
+  parts = [np.asarray(per_window(params, jnp.asarray(windows[i:i + batch_size])))
+           for i in range(0, len(windows), batch_size)]
+  return np.concatenate(parts).astype(np.float64)
+
+
 # --------------------------------------------------------------------------------- outputs
 
 

@@ -1,6 +1,6 @@
 """Seed spread of `quest_scaling` runs: per-seed losses, means and paired gaps.
 
-  python -m experiments.quest_seeds DIR [DIR ...] [--out FILE.md]
+  python -m experiments.quest_seeds DIR [DIR ...] [--full-val] [--out FILE.md]
 
 Each DIR is the `out` of one `python -m experiments.quest_scaling ... train.seed=S` call (the seed
 is read from DIR/results.json). Runs of the same size and precision from different seeds are
@@ -8,6 +8,11 @@ grouped. Because every
 precision of one seed starts from the same initialisation and sees the same batches, gaps are
 paired per seed: `gap(run) = loss(run, seed) / loss(BF16, seed) - 1`, and `QuEST - STE` at equal
 bits is `loss(quest, seed) - loss(ste, seed)`. Prints (and with --out writes) a markdown table.
+
+`--full-val` re-evaluates every run's final checkpoint on all validation windows (the table's
+`val_loss` uses `val_sequences` of them) and pairs QuEST with STE window by window: next to the
+spread over seeds it then reports the evaluation's own standard error (per-window sd / sqrt(n)),
+which says how much of a gap is measurement and how much is the training seed.
 """
 
 from __future__ import annotations
@@ -19,11 +24,19 @@ import statistics
 import sys
 from collections import defaultdict
 
+import numpy as np
+
 from experiments.quest_scaling import RUN_KINDS
 
 
-def load_runs(dirs: list[str]) -> dict[tuple[int, str], dict[int, float]]:
-  """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`."""
+def load_runs(dirs: list[str], *, windows: dict | None = None
+              ) -> dict[tuple[int, str], dict[int, float]]:
+  """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`.
+
+  With a dict `windows`, also re-evaluates each run on every validation window
+  (`quest_scaling.window_losses`), fills `windows[(params, run)][seed]` with the per-window
+  losses and uses their mean as the run's loss.
+  """
   table: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
   for d in dirs:
     root = pathlib.Path(d)
@@ -41,7 +54,14 @@ def load_runs(dirs: list[str]) -> dict[tuple[int, str], dict[int, float]]:
         continue
       if seed in table[(row["params"], run)]:
         raise ValueError(f"{done}: seed {seed} of {run} at {row['params']} params appears twice")
-      table[(row["params"], run)][seed] = float(row["val_loss"])
+      if windows is None:
+        table[(row["params"], run)][seed] = float(row["val_loss"])
+      else:
+        from experiments.quest_scaling import window_losses
+
+        losses = window_losses(done.parent)
+        windows.setdefault((row["params"], run), {})[seed] = losses
+        table[(row["params"], run)][seed] = float(losses.mean())
   if not table:
     raise ValueError(f"no finished runs under {dirs}")
   return table
@@ -53,7 +73,8 @@ def _mean_sd(xs: list[float], digits: int = 2) -> str:
   return f"{statistics.mean(xs):+.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
-def seed_table(table: dict[tuple[int, str], dict[int, float]]) -> str:
+def seed_table(table: dict[tuple[int, str], dict[int, float]], windows: dict | None = None
+               ) -> str:
   from qstar_jax.training.results import markdown_table
 
   rows = []
@@ -76,6 +97,11 @@ def seed_table(table: dict[tuple[int, str], dict[int, float]]) -> str:
         diffs = [losses[s] - ste[s] for s in both]
         wins = sum(d <= 0 for d in diffs)
         vs_ste = f"{_mean_sd(diffs, 4)} (QuEST <= STE in {wins}/{len(diffs)})"
+        if windows:
+          # Evaluation error of each seed's paired gap: sd of the per-window differences / sqrt(n).
+          q, t = windows[(params, run)], windows[(params, f"ste{bits}")]
+          se = max(float(np.std(q[s] - t[s], ddof=1) / np.sqrt(len(q[s]))) for s in both)
+          vs_ste += f"; eval SE <= {se:.4f}"
       rows.append([f"{params / 1e6:.2f}M", run, ", ".join(map(str, seeds)), per_seed,
                    f"{statistics.mean(losses.values()):.4f}", gap, vs_ste])
   return markdown_table(["size", "run", "seeds", "val loss per seed", "mean",
@@ -86,8 +112,11 @@ def main(argv: list[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("dirs", nargs="+")
   parser.add_argument("--out", default="")
+  parser.add_argument("--full-val", action="store_true",
+                      help="re-evaluate every run on all validation windows (paired per window)")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  text = seed_table(load_runs(args.dirs))
+  windows: dict | None = {} if args.full_val else None
+  text = seed_table(load_runs(args.dirs, windows=windows), windows)
   print(text)
   if args.out:
     pathlib.Path(args.out).write_text(text + "\n")

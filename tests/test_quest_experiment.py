@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 qs = pytest.importorskip("experiments.quest_scaling")
@@ -77,6 +78,13 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
   assert "QuEST W2A2" in (out / "table.md").read_text()
   assert (out / "pareto.png").stat().st_size > 0
   assert pathlib.Path(out / "tokenizer" / "spm400.model").is_file()
+  # window_losses re-evaluates a run's final checkpoint on every validation window; the
+  # recorded val_loss is the mean over the val_sequences evenly spaced ones.
+  for r, name in zip(runs, ["bf16", "quest2"], strict=True):
+    w = qs.window_losses(out / "runs" / f"d128_f256_l1_{name}")
+    assert w.ndim == 1 and len(w) > 4 and np.all(np.isfinite(w))
+    pick = np.linspace(0, len(w) - 1, 4).astype(int)
+    assert w[pick].mean() == pytest.approx(r["val_loss"], rel=1e-6)
   # A rerun reuses the finished runs (no retraining) and writes the same results.
   qs.main(argv)
   assert json.loads((out / "results.json").read_text())["runs"] == runs

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments.quest_seeds import load_runs, seed_table
@@ -28,6 +29,17 @@ def test_paired_gaps_by_hand(tmp_path):
   # gaps +10% and +5%: mean 7.5, sd 3.54; QuEST - STE: +0.15 and -0.10 -> +0.025 ± 0.1768
   assert "+7.50 ± 3.54%" in row
   assert "+0.0250 ± 0.1768 (QuEST <= STE in 1/2)" in row
+
+
+def test_eval_standard_error_by_hand():
+  """With per-window losses, the QuEST - STE cell adds the largest per-seed evaluation SE."""
+  table = {(1000, "bf16"): {0: 3.0, 1: 3.0}, (1000, "quest4"): {0: 3.1, 1: 3.2},
+           (1000, "ste4"): {0: 3.0, 1: 3.3}}
+  windows = {(1000, "quest4"): {0: np.array([3.0, 3.2, 3.1, 3.1]), 1: np.array([3.2] * 4)},
+             (1000, "ste4"): {0: np.array([3.0, 3.0, 3.0, 3.0]), 1: np.array([3.3] * 4)}}
+  row = next(line for line in seed_table(table, windows).splitlines() if "| quest4 |" in line)
+  # seed 0: differences 0, .2, .1, .1 -> sd 0.0816, SE 0.0408; seed 1: all -0.1 -> SE 0
+  assert "(QuEST <= STE in 1/2); eval SE <= 0.0408" in row
 
 
 def test_duplicate_seed_and_missing_dir(tmp_path):

@@ -11,7 +11,8 @@ loss. Writes:
 
   out/results.json  {"config": {...}, "runs": [{"params", "method", "w_bits", "a_bits",
                      "val_loss", "finite", "steps", "tokens"}, ...]}
-  out/table.md      val loss per size x precision, and the gap to BF16 in percent
+  out/table.md      val loss per size x precision, the gap to BF16 in percent, and which of
+                    the paper's ordering claims hold at each size
   out/pareto.png    val loss vs model size in bits (the paper's Pareto view)
   out/runs/<size>_<run>/  metrics.jsonl, checkpoints (a rerun resumes / skips finished runs)
 
@@ -344,6 +345,68 @@ def results_table(rows: list[dict[str, Any]]) -> str:
           + markdown_table(headers, table_rows))
 
 
+def ordering_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The paper's ordering, claim by claim and size by size, on finished runs.
+
+  Claims (issue 4's acceptance): W8A8 within 0.5% of BF16; W4A4 within 4%; QuEST loss rising
+  monotonically as bits fall (BF16, 8, 4, 3, 2, 1); QuEST <= STE at 4, 2 and 1 bits; 1-bit runs
+  finite to the end. Returns [{"claim", "params", "holds": bool | None, "detail"}]; holds is
+  None when a run the claim needs is missing (or diverged, for claims about its loss).
+  """
+  checks = []
+  for n in sorted({r["params"] for r in rows}):
+    by = {(r["method"], r["w_bits"]): r for r in rows if r["params"] == n}
+
+    def loss(method, bits, by=by):
+      r = by.get((method, bits))
+      return r["val_loss"] if r and r["finite"] and r["val_loss"] is not None else None
+
+    def add(claim, holds, detail, n=n):
+      checks.append({"claim": claim, "params": n, "holds": holds, "detail": detail})
+
+    base = loss("bf16", None)
+    for bits, limit in ((8, 0.5), (4, 4.0)):
+      q = loss("quest", bits)
+      if base is None or q is None:
+        add(f"W{bits}A{bits} within {limit}% of BF16", None, "run missing")
+      else:
+        gap = 100 * (q / base - 1)
+        add(f"W{bits}A{bits} within {limit}% of BF16", gap <= limit, f"{gap:+.2f}%")
+    chain = [("BF16", base)] + [(f"W{b}", loss("quest", b)) for b in (8, 4, 3, 2, 1)]
+    if any(v is None for _, v in chain):
+      add("loss rises as bits fall", None, "run missing")
+    else:
+      breaks = [f"{a} {x:.4f} > {b} {y:.4f}"
+                for (a, x), (b, y) in zip(chain[:-1], chain[1:], strict=True) if x > y]
+      add("loss rises as bits fall", not breaks, "; ".join(breaks) or "monotone")
+    for bits in (4, 2, 1):
+      q, t = loss("quest", bits), loss("ste", bits)
+      if q is None or t is None:
+        add(f"QuEST <= STE at {bits} bit{'s' if bits > 1 else ''}", None, "run missing")
+      else:
+        add(f"QuEST <= STE at {bits} bit{'s' if bits > 1 else ''}", q <= t, f"{q - t:+.4f} nats")
+    one = by.get(("quest", 1))
+    add("W1A1 finite", None if one is None else bool(one["finite"]),
+        "run missing" if one is None else ("finite" if one["finite"] else "diverged"))
+  return checks
+
+
+def ordering_table(rows: list[dict[str, Any]]) -> str:
+  """`ordering_checks` as markdown: one row per claim, one column per size."""
+  from qstar_jax.training.results import markdown_table
+
+  checks = ordering_checks(rows)
+  sizes = sorted({c["params"] for c in checks})
+  claims = list(dict.fromkeys(c["claim"] for c in checks))
+  mark = {True: "holds", False: "FAILS", None: "n/a"}
+  cells = {(c["claim"], c["params"]): f"{mark[c['holds']]} ({c['detail']})" for c in checks}
+  table_rows = [[claim] + [cells.get((claim, n), "-") for n in sizes] for claim in claims]
+  held = sum(c["holds"] is True for c in checks)
+  return (f"The paper's ordering, per size: {held} of {len(checks)} checks hold (one seed; "
+          "see experiments.quest_seeds for the spread over seeds).\n\n"
+          + markdown_table(["claim"] + [f"{n / 1e6:.2f}M params" for n in sizes], table_rows))
+
+
 def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   from qstar_jax.training.results import new_figure, save_plot
 
@@ -410,7 +473,7 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
       public = [{k: r[k] for k in ("params", "method", "w_bits", "a_bits", "val_loss",
                                    "finite", "steps", "tokens")} for r in rows]
       write_results(out, results={"config": results["config"], "runs": public},
-                    table_md=results_table(rows))
+                    table_md=results_table(rows) + "\n" + ordering_table(rows))
   if not rows:
     raise RuntimeError(f"no finished runs under {out / 'runs'}")
   pareto_plot(rows, out / "pareto.png")

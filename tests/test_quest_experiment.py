@@ -121,3 +121,29 @@ def test_bench_quant_gpu_sweep_self_test():
     assert len(rows) == 2
     for row in rows:
       assert row["rel_err"] <= 1e-5 and row["kernel_s"] > 0
+
+
+def test_ordering_checks_by_hand():
+  def row(method, bits, loss, finite=True):
+    return {"params": 100, "method": method, "w_bits": bits, "a_bits": bits,
+            "val_loss": loss if finite else None, "finite": finite}
+
+  rows = [row("bf16", None, 3.00), row("quest", 8, 3.01), row("quest", 4, 3.20),
+          row("quest", 3, 3.10), row("quest", 2, 3.30), row("quest", 1, 3.60, finite=False),
+          row("ste", 4, 3.25), row("ste", 2, 3.20)]
+  checks = {c["claim"]: c for c in qs.ordering_checks(rows)}
+  assert checks["W8A8 within 0.5% of BF16"]["holds"] is True  # +0.33%
+  assert checks["W8A8 within 0.5% of BF16"]["detail"] == "+0.33%"
+  assert checks["W4A4 within 4.0% of BF16"]["holds"] is False  # +6.67%
+  # W1A1 diverged: the monotonicity chain cannot be checked; its finiteness claim fails.
+  assert checks["loss rises as bits fall"]["holds"] is None
+  assert checks["W1A1 finite"]["holds"] is False
+  assert checks["QuEST <= STE at 4 bits"]["holds"] is True  # 3.20 vs 3.25
+  assert checks["QuEST <= STE at 2 bits"]["holds"] is False  # 3.30 vs 3.20
+  assert checks["QuEST <= STE at 1 bit"]["holds"] is None  # no STE W1A1 run
+  rows[5] = row("quest", 1, 3.60)
+  chain = {c["claim"]: c for c in qs.ordering_checks(rows)}["loss rises as bits fall"]
+  assert chain["holds"] is False and chain["detail"] == "W4 3.2000 > W3 3.1000"
+  text = qs.ordering_table(rows)
+  assert "| QuEST <= STE at 2 bits | FAILS (+0.1000 nats) |" in text
+  assert "3 of 7 checks hold" in text  # W8A8, QuEST <= STE at 4, W1A1 finite

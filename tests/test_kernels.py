@@ -260,6 +260,25 @@ def test_kernels_lower_to_triton():
     assert "triton" in text
 
 
+def test_int8_nk_layout_feeds_triton_dot_a_transposed_k_major_tile(capsys):
+  """With w [N, K] the kernel loads K-contiguous [block_n, block_k] int8 tiles and transposes
+  them into the dot (the K-major B operand of 8-bit tensor-core MMAs); with w [K, N] the dot
+  takes the loaded [block_k, block_n] tile as it is. Read from Pallas' Triton IR (no GPU)."""
+  from qstar_jax.kernels.int8_matmul.kernel import int8_matmul_pallas
+
+  i8 = jnp.ones((128, 64), jnp.int8)
+  s = jnp.ones((128,), jnp.float32)
+  for layout in ("nk", "kn"):
+    int8_matmul_pallas.trace(
+      i8, i8 if layout == "nk" else i8.T, s, s, block_m=32, block_n=32, block_k=16, true_k=64,
+      half_offset=False, out_dtype=jnp.float32, backend="triton", w_layout=layout,
+      debug=True).lower(lowering_platforms=("cuda",))
+    ir = capsys.readouterr().out
+    assert "tt.dot" in ir and "tensor<32x16xi8> * tensor<16x32xi8> -> tensor<32x32xi32>" in ir
+    has_trans = "tt.trans" in ir and "tensor<32x16xi8> -> tensor<16x32xi8>" in ir
+    assert has_trans == (layout == "nk"), layout
+
+
 # ----------------------------------------------------------------------------- dispatcher
 
 

@@ -69,7 +69,7 @@ def _kernel(*refs, block_k: int, num_k: int, true_k: int, half_offset: bool, sca
   jax.jit,
   static_argnames=(
     "block_m", "block_n", "block_k", "true_k", "half_offset", "out_dtype", "backend",
-    "num_warps", "num_stages", "w_layout", "group_m",
+    "num_warps", "num_stages", "w_layout", "group_m", "debug",
   ),
 )
 def int8_matmul_pallas(
@@ -89,10 +89,12 @@ def int8_matmul_pallas(
   num_stages: int = 3,
   w_layout: str = "kn",
   group_m: int | None = None,
+  debug: bool = False,
 ) -> jax.Array:
   """The raw pallas_call. Shapes must already be multiples of the blocks (ops.py pads).
 
   backend: "interpret", "triton" (GPU) or "mosaic" (TPU). w: [K, N] ("kn") or [N, K] ("nk").
+  debug: Pallas prints the kernel's jaxpr and its lowered (e.g. Triton) IR when it lowers.
   """
   m, k = x.shape
   n = w.shape[0] if w_layout == "nk" else w.shape[1]
@@ -142,4 +144,5 @@ def int8_matmul_pallas(
     out_specs=pl.BlockSpec((block_m, block_n), tile),
     interpret=backend == "interpret",
     compiler_params=compiler_params(backend, num_warps=num_warps, num_stages=num_stages),
+    debug=debug,
   )(*args)

@@ -85,6 +85,13 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
     assert w.ndim == 1 and len(w) > 4 and np.all(np.isfinite(w))
     pick = np.linspace(0, len(w) - 1, 4).astype(int)
     assert w[pick].mean() == pytest.approx(r["val_loss"], rel=1e-6)
+  # quest_seeds --full-val takes each run's loss as the mean over all of its windows.
+  from experiments.quest_seeds import load_runs
+
+  windows: dict = {}
+  table = load_runs([str(out)], windows=windows)
+  full = windows[(runs[1]["params"], "quest2")][0]
+  assert table[(runs[1]["params"], "quest2")] == {0: pytest.approx(float(full.mean()))}
   # A rerun reuses the finished runs (no retraining) and writes the same results.
   qs.main(argv)
   assert json.loads((out / "results.json").read_text())["runs"] == runs

@@ -145,20 +145,38 @@ def model_config(cfg: QuestScalingConfig, size: tuple[int, int, int, int], run: 
   )
 
 
-def lm_loss_fn(graphdef):
-  """Mean next-token cross entropy `-1/(B T) sum log softmax(logits)[target]` (float32)."""
+def token_nll(graphdef):
+  """fn(params, windows [B, T + 1]) -> [B, T] next-token losses `-log softmax(logits)[target]`
+  (float32)."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  def loss_fn(params, batch, rng_key=None):
-    del rng_key
+  def nll(params, batch):
     logits = nnx.merge(graphdef, params)(batch[:, :-1]).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0]
-    return nll.mean(), {}
+    return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0]
+
+  return nll
+
+
+def lm_loss_fn(graphdef):
+  """Mean next-token cross entropy `-1/(B T) sum log softmax(logits)[target]` (float32)."""
+  nll = token_nll(graphdef)
+
+  def loss_fn(params, batch, rng_key=None):
+    del rng_key
+    return nll(params, batch).mean(), {}
 
   return loss_fn
+
+
+def optimizer_config(ts: TrainSettings, steps: int):
+  """AdamW settings of one run of `steps` steps (warmup a fraction of them)."""
+  from qstar_jax.training.optim import OptimizerConfig
+
+  return OptimizerConfig(lr=ts.lr, warmup_steps=max(1, int(ts.warmup_frac * steps)),
+                         weight_decay=ts.weight_decay, grad_clip_norm=ts.grad_clip_norm)
 
 
 def count_params(params) -> int:
@@ -183,7 +201,7 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
 
   from qstar_jax.models.llama import Llama
   from qstar_jax.training.config import config_to_dict
-  from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+  from qstar_jax.training.optim import lr_schedule, make_optimizer
   from qstar_jax.training.train_loop import TrainLoopConfig, train
 
   done_file = run_dir / "result.json"
@@ -195,8 +213,7 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
   model = Llama(mcfg, rngs=nnx.Rngs(ts.seed))
   graphdef, params = nnx.split(model)
   loss_fn = lm_loss_fn(graphdef)
-  ocfg = OptimizerConfig(lr=ts.lr, warmup_steps=max(1, int(ts.warmup_frac * steps)),
-                         weight_decay=ts.weight_decay, grad_clip_norm=ts.grad_clip_norm)
+  ocfg = optimizer_config(ts, steps)
   optimizer = make_optimizer(ocfg, total_steps=steps)
   b = ts.batch_size
 
@@ -264,7 +281,7 @@ def window_losses(run_dir: str | pathlib.Path, *, batch_size: int = 32) -> np.nd
   from qstar_jax.models.llama import Llama
   from qstar_jax.training.checkpoint import CheckpointManager, abstract_like
   from qstar_jax.training.config import config_from_dict
-  from qstar_jax.training.optim import OptimizerConfig, make_optimizer
+  from qstar_jax.training.optim import make_optimizer
 
   run_dir = pathlib.Path(run_dir)
   config_file = run_dir / "checkpoints" / "config.json"
@@ -282,9 +299,8 @@ def window_losses(run_dir: str | pathlib.Path, *, batch_size: int = 32) -> np.nd
 
   ts = cfg.train
   graphdef, params = nnx.split(Llama(model_config(cfg, size, run), rngs=nnx.Rngs(ts.seed)))
-  ocfg = OptimizerConfig(lr=ts.lr, warmup_steps=max(1, int(ts.warmup_frac * steps)),
-                         weight_decay=ts.weight_decay, grad_clip_norm=ts.grad_clip_norm)
-  target = {"params": params, "opt_state": make_optimizer(ocfg, total_steps=steps).init(params),
+  optimizer = make_optimizer(optimizer_config(ts, steps), total_steps=steps)
+  target = {"params": params, "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32)}
   manager = CheckpointManager(run_dir / "checkpoints", config=run_config)
   try:
@@ -295,11 +311,8 @@ def window_losses(run_dir: str | pathlib.Path, *, batch_size: int = 32) -> np.nd
   finally:
     manager.close()
 
-  @jax.jit
-  def per_window(p, batch):
-    logits = nnx.merge(graphdef, p)(batch[:, :-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0].mean(axis=-1)
+  nll = token_nll(graphdef)
+  per_window = jax.jit(lambda p, batch: nll(p, batch).mean(axis=-1))
 
   parts = [np.asarray(per_window(params, jnp.asarray(windows[i:i + batch_size])))
            for i in range(0, len(windows), batch_size)]
@@ -366,12 +379,13 @@ def ordering_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     base = loss("bf16", None)
     for bits, limit in ((8, 0.5), (4, 4.0)):
+      claim = f"W{bits}A{bits} within {limit}% of BF16"
       q = loss("quest", bits)
       if base is None or q is None:
-        add(f"W{bits}A{bits} within {limit}% of BF16", None, "run missing")
+        add(claim, None, "run missing")
       else:
         gap = 100 * (q / base - 1)
-        add(f"W{bits}A{bits} within {limit}% of BF16", gap <= limit, f"{gap:+.2f}%")
+        add(claim, gap <= limit, f"{gap:+.2f}%")
     chain = [("BF16", base)] + [(f"W{b}", loss("quest", b)) for b in (8, 4, 3, 2, 1)]
     if any(v is None for _, v in chain):
       add("loss rises as bits fall", None, "run missing")
@@ -380,11 +394,12 @@ def ordering_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 for (a, x), (b, y) in zip(chain[:-1], chain[1:], strict=True) if x > y]
       add("loss rises as bits fall", not breaks, "; ".join(breaks) or "monotone")
     for bits in (4, 2, 1):
+      claim = f"QuEST <= STE at {bits} bit{'s' if bits > 1 else ''}"
       q, t = loss("quest", bits), loss("ste", bits)
       if q is None or t is None:
-        add(f"QuEST <= STE at {bits} bit{'s' if bits > 1 else ''}", None, "run missing")
+        add(claim, None, "run missing")
       else:
-        add(f"QuEST <= STE at {bits} bit{'s' if bits > 1 else ''}", q <= t, f"{q - t:+.4f} nats")
+        add(claim, q <= t, f"{q - t:+.4f} nats")
     one = by.get(("quest", 1))
     add("W1A1 finite", None if one is None else bool(one["finite"]),
         "run missing" if one is None else ("finite" if one["finite"] else "diverged"))

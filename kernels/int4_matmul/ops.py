@@ -67,7 +67,7 @@ def int4_matmul(
   # groups or two chunks.
   chunk = half_k // split_k
   step = block_k
-  while step > 16 and (chunk % step or half_k % split_k or (groups > 1 and group % step)):
+  while step > 16 and (chunk % step or (groups > 1 and group % step)):
     step //= 2
   if half_k % split_k or chunk % step or (groups > 1 and group % step):
     raise ValueError(

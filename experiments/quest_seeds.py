@@ -1,6 +1,6 @@
 """Seed spread of `quest_scaling` runs: per-seed losses, means and paired gaps.
 
-  python -m experiments.quest_seeds DIR [DIR ...] [--full-val] [--out FILE.md]
+  python -m experiments.quest_seeds DIR [DIR ...] [--full-val] [--trajectory] [--out FILE.md]
 
 Each DIR is the `out` of one `python -m experiments.quest_scaling ... train.seed=S` call (the seed
 is read from DIR/results.json). Runs of the same size and precision from different seeds are
@@ -13,6 +13,10 @@ bits is `loss(quest, seed) - loss(ste, seed)`. Prints (and with --out writes) a 
 `val_loss` uses `val_sequences` of them) and pairs QuEST with STE window by window: next to the
 spread over seeds it then reports the evaluation's own standard error (per-window sd / sqrt(n)),
 which says how much of a gap is measurement and how much is the training seed.
+
+`--trajectory` shows when the paired gaps form: the training-loss difference of two runs of one
+seed (W8A8 - BF16, and QuEST - STE at equal bits) on the identical batches, averaged over
+equal segments of training, beside the final validation difference.
 """
 
 from __future__ import annotations
@@ -108,15 +112,69 @@ def seed_table(table: dict[tuple[int, str], dict[int, float]], windows: dict | N
                          "gap to BF16, paired (mean ± sd)", "QuEST - STE, paired (nats)"], rows)
 
 
+def train_losses(run_dir: pathlib.Path) -> np.ndarray:
+  """The run's training loss per step (metrics.jsonl's "train/loss", in step order)."""
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+          if line.strip()]
+  steps = sorted((r["step"], r["train/loss"]) for r in rows if "train/loss" in r)
+  return np.array([loss for _, loss in steps], np.float64)
+
+
+def _trajectory_pairs(runs: dict[str, pathlib.Path]) -> list[tuple[str, str]]:
+  pairs = [("quest8", "bf16")] if {"quest8", "bf16"} <= runs.keys() else []
+  for run, (method, bits, _) in RUN_KINDS.items():
+    if method == "quest" and run in runs and f"ste{bits}" in runs:
+      pairs.append((run, f"ste{bits}"))
+  return pairs
+
+
+def trajectory_table(dirs: list[str], segments: int = 8) -> str:
+  """Paired training-loss gaps per seed, averaged over `segments` equal parts of training."""
+  from qstar_jax.training.results import markdown_table
+
+  if segments < 1:
+    raise ValueError(f"segments={segments}: expected >= 1")
+  rows = []
+  for d in dirs:
+    root = pathlib.Path(d)
+    seed = int(json.loads((root / "results.json").read_text())["config"]["train"]["seed"])
+    by_size: dict[str, dict[str, pathlib.Path]] = defaultdict(dict)
+    for done in sorted(root.glob("runs/*/result.json")):
+      size, run = done.parent.name.rsplit("_", 1)
+      by_size[size][run] = done.parent
+    for _, runs in sorted(by_size.items()):
+      for run, ref in _trajectory_pairs(runs):
+        a, b = train_losses(runs[run]), train_losses(runs[ref])
+        if len(a) != len(b) or len(a) < segments:
+          raise ValueError(f"{runs[run]} and {runs[ref]} logged {len(a)} and {len(b)} training "
+                           f"losses: expected the same number, at least segments={segments}")
+        parts = np.array_split(a - b, segments)
+        final = [json.loads((runs[r] / "result.json").read_text()) for r in (run, ref)]
+        val = ("-" if None in (final[0]["val_loss"], final[1]["val_loss"])
+               else f"{final[0]['val_loss'] - final[1]['val_loss']:+.4f}")
+        rows.append([f"{final[0]['params'] / 1e6:.2f}M", f"{run} - {ref}", str(seed),
+                     " ".join(f"{p.mean():+.3f}" for p in parts), val])
+  if not rows:
+    raise ValueError(f"no paired runs (quest8 with bf16, or questB with steB) under {dirs}")
+  return markdown_table(["size", "pair", "seed",
+                         f"training-loss gap over {segments} segments (nats)",
+                         "final val gap"], rows)
+
+
 def main(argv: list[str] | None = None) -> str:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("dirs", nargs="+")
   parser.add_argument("--out", default="")
   parser.add_argument("--full-val", action="store_true",
                       help="re-evaluate every run on all validation windows (paired per window)")
+  parser.add_argument("--trajectory", action="store_true",
+                      help="also print the paired training-loss gaps over segments of training")
+  parser.add_argument("--segments", type=int, default=8)
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   windows: dict | None = {} if args.full_val else None
   text = seed_table(load_runs(args.dirs, windows=windows), windows)
+  if args.trajectory:
+    text += "\n\n" + trajectory_table(args.dirs, args.segments)
   print(text)
   if args.out:
     pathlib.Path(args.out).write_text(text + "\n")

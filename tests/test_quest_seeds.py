@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from experiments.quest_seeds import load_runs, seed_table
+from experiments.quest_seeds import load_runs, seed_table, trajectory_table
 
 
-def _write(root, seed, losses):
+def _write(root, seed, losses, train=None):
   (root / "runs").mkdir(parents=True)
   (root / "results.json").write_text(json.dumps({"config": {"train": {"seed": seed}}}))
   for run, loss in losses.items():
@@ -16,6 +16,11 @@ def _write(root, seed, losses):
     d.mkdir()
     d.joinpath("result.json").write_text(json.dumps(
         {"params": 1000, "val_loss": loss, "finite": loss is not None}))
+    if train is not None:
+      # metrics.jsonl as the train loop writes it, steps out of order and an eval line mixed in.
+      lines = [{"step": i + 1, "train/loss": x} for i, x in enumerate(train[run])]
+      lines = lines[1:] + lines[:1] + [{"step": len(lines), "eval/loss": loss}]
+      d.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
 def test_paired_gaps_by_hand(tmp_path):
@@ -49,3 +54,25 @@ def test_duplicate_seed_and_missing_dir(tmp_path):
     load_runs([str(tmp_path / "a"), str(tmp_path / "b")])
   with pytest.raises(FileNotFoundError, match="nowhere"):
     load_runs([str(tmp_path / "nowhere")])
+
+
+def test_trajectory_gaps_by_hand(tmp_path):
+  train = {"bf16": [5.0, 4.0, 3.0, 2.0], "quest8": [5.1, 4.1, 3.0, 2.2],
+           "quest4": [5.0, 4.0, 3.5, 2.5], "ste4": [5.2, 4.0, 3.3, 2.5]}
+  _write(tmp_path / "s3", 3, {"bf16": 2.0, "quest8": 2.25, "quest4": 2.5, "ste4": 2.4}, train)
+  lines = trajectory_table([str(tmp_path / "s3")], segments=2).splitlines()
+  rows = {line.split(" | ")[1]: line for line in lines[2:]}
+  assert set(rows) == {"quest8 - bf16", "quest4 - ste4"}
+  # quest8 - bf16 per step: .1 .1 0 .2 -> halves +0.100, +0.100; final val 2.25 - 2.0
+  assert "| 3 | +0.100 +0.100 | +0.2500 |" in rows["quest8 - bf16"]
+  # quest4 - ste4 per step: -.2 0 .2 0 -> halves -0.100, +0.100; final val 2.5 - 2.4
+  assert "| 3 | -0.100 +0.100 | +0.1000 |" in rows["quest4 - ste4"]
+
+
+def test_trajectory_refuses_unequal_logs(tmp_path):
+  train = {"bf16": [5.0, 4.0, 3.0], "quest8": [5.0, 4.0]}
+  _write(tmp_path / "s0", 0, {"bf16": 3.0, "quest8": 3.0}, train)
+  with pytest.raises(ValueError, match="logged 2 and 3 training losses"):
+    trajectory_table([str(tmp_path / "s0")], segments=2)
+  with pytest.raises(ValueError, match="segments=0"):
+    trajectory_table([str(tmp_path / "s0")], segments=0)

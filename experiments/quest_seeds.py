@@ -113,11 +113,12 @@ def seed_table(table: dict[tuple[int, str], dict[int, float]], windows: dict | N
 
 
 def train_losses(run_dir: pathlib.Path) -> np.ndarray:
-  """The run's training loss per step (metrics.jsonl's "train/loss", in step order)."""
+  """The run's training loss per step (metrics.jsonl's "train/loss", in step order; a step
+  logged twice, as after a resumed run, counts once with its last value)."""
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
           if line.strip()]
-  steps = sorted((r["step"], r["train/loss"]) for r in rows if "train/loss" in r)
-  return np.array([loss for _, loss in steps], np.float64)
+  by_step = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  return np.array([by_step[t] for t in sorted(by_step)], np.float64)
 
 
 def _trajectory_pairs(runs: dict[str, pathlib.Path]) -> list[tuple[str, str]]:

@@ -17,9 +17,11 @@ def _write(root, seed, losses, train=None):
     d.joinpath("result.json").write_text(json.dumps(
         {"params": 1000, "val_loss": loss, "finite": loss is not None}))
     if train is not None:
-      # metrics.jsonl as the train loop writes it, steps out of order and an eval line mixed in.
+      # metrics.jsonl with steps out of order and an eval line mixed in.
       lines = [{"step": i + 1, "train/loss": x} for i, x in enumerate(train[run])]
-      lines = lines[1:] + lines[:1] + [{"step": len(lines), "eval/loss": loss}]
+      # The first step appears twice, as after a resumed run: its last value counts.
+      lines = ([{"step": 1, "train/loss": 99.0}] + lines[1:] + lines[:1]
+               + [{"step": len(lines), "eval/loss": loss}])
       d.joinpath("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 

@@ -33,6 +33,25 @@ import numpy as np
 from experiments.quest_scaling import RUN_KINDS
 
 
+def finished_runs(out_dir: str | pathlib.Path
+                  ) -> tuple[int, list[tuple[str, str, pathlib.Path]]]:
+  """(seed, [(size prefix, run name, run dir), ...]) of one quest_scaling `out` directory:
+  its runs with a result.json, in name order."""
+  root = pathlib.Path(out_dir)
+  results = root / "results.json"
+  if not results.is_file():
+    raise FileNotFoundError(f"{results} does not exist: expected the out dir of a finished "
+                            f"quest_scaling run")
+  seed = int(json.loads(results.read_text())["config"]["train"]["seed"])
+  runs = []
+  for done in sorted(root.glob("runs/*/result.json")):
+    size, run = done.parent.name.rsplit("_", 1)
+    if run not in RUN_KINDS:
+      raise ValueError(f"{done}: run name {run!r} is not one of {list(RUN_KINDS)}")
+    runs.append((size, run, done.parent))
+  return seed, runs
+
+
 def load_runs(dirs: list[str], *, windows: dict | None = None
               ) -> dict[tuple[int, str], dict[int, float]]:
   """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`.
@@ -43,17 +62,10 @@ def load_runs(dirs: list[str], *, windows: dict | None = None
   """
   table: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
   for d in dirs:
-    root = pathlib.Path(d)
-    results = root / "results.json"
-    if not results.is_file():
-      raise FileNotFoundError(f"{results} does not exist: expected the out dir of a finished "
-                              f"quest_scaling run")
-    seed = int(json.loads(results.read_text())["config"]["train"]["seed"])
-    for done in sorted(root.glob("runs/*/result.json")):
+    seed, runs = finished_runs(d)
+    for _, run, run_dir in runs:
+      done = run_dir / "result.json"
       row = json.loads(done.read_text())
-      run = done.parent.name.rsplit("_", 1)[-1]
-      if run not in RUN_KINDS:
-        raise ValueError(f"{done}: run name {run!r} is not one of {list(RUN_KINDS)}")
       if not row["finite"] or row["val_loss"] is None:
         continue
       if seed in table[(row["params"], run)]:
@@ -63,7 +75,7 @@ def load_runs(dirs: list[str], *, windows: dict | None = None
       else:
         from experiments.quest_scaling import window_losses
 
-        losses = window_losses(done.parent)
+        losses = window_losses(run_dir)
         windows.setdefault((row["params"], run), {})[seed] = losses
         table[(row["params"], run)][seed] = float(losses.mean())
   if not table:
@@ -137,12 +149,10 @@ def trajectory_table(dirs: list[str], segments: int = 8) -> str:
     raise ValueError(f"segments={segments}: expected >= 1")
   rows = []
   for d in dirs:
-    root = pathlib.Path(d)
-    seed = int(json.loads((root / "results.json").read_text())["config"]["train"]["seed"])
+    seed, finished = finished_runs(d)
     by_size: dict[str, dict[str, pathlib.Path]] = defaultdict(dict)
-    for done in sorted(root.glob("runs/*/result.json")):
-      size, run = done.parent.name.rsplit("_", 1)
-      by_size[size][run] = done.parent
+    for size, run, run_dir in finished:
+      by_size[size][run] = run_dir
     for _, runs in sorted(by_size.items()):
       for run, ref in _trajectory_pairs(runs):
         a, b = train_losses(runs[run]), train_losses(runs[ref])

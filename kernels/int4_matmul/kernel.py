@@ -4,9 +4,10 @@ Grid (M / block_m, N / block_n, split_k). Program (i, j, s) walks the s-th of sp
 chunks of the packed rows in steps of `block_k` (one step never straddles a scale group) and
 writes its partial sum to out[s]; the caller adds the split_k partials (split-K keeps enough
 programs in flight at decode shapes, where M / block_m = 1). Each step loads a packed
-[block_k, block_n] byte tile, splits it into the low nibbles (weight rows i) and high nibbles (rows i + K/2) by
-arithmetic shifts, scales each by its group's [1, block_n] row, casts to the activation dtype
-and multiplies with the two matching x tiles [block_m, block_k] (float32 accumulation).
+[block_k, block_n] byte tile, splits it into the low nibbles (weight rows i) and high nibbles
+(rows i + K/2) by arithmetic shifts, scales each by its group's [1, block_n] row, casts to the
+activation dtype and multiplies with the two matching x tiles [block_m, block_k] (float32
+accumulation).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 __all__: list[str] = []
 
-# Transformer, config, cache (model helper).
+# The transformer, its config, KV-cache decoding and value heads.
 from qstar_jax.models.config import LlamaConfig, get_config, preset_names  # noqa: E402
 from qstar_jax.models.decoding import (  # noqa: E402
   DecodeResult,
@@ -59,7 +59,7 @@ __all__ += [
   "set_flat_params",
 ]
 
-# Tokenizers and errors (loading helper).
+# Weight loading, tokenizers and the loaders' errors.
 from qstar_jax.models import errors  # noqa: E402
 from qstar_jax.models.loading import load_pretrained  # noqa: E402
 from qstar_jax.models.tokenizer import (  # noqa: E402
@@ -80,7 +80,7 @@ __all__ += [
   "train_sentencepiece",
 ]
 
-# Puzzle networks (Q* search helper).
+# Puzzle networks (DeepCubeA residual MLP, V or per-action Q head).
 from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig, puzzle_net_apply_fn  # noqa: E402
 
 __all__ += ["PuzzleNet", "PuzzleNetConfig", "puzzle_net_apply_fn"]

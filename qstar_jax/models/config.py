@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from qstar_jax.quant.config import QuantConfig
+
 DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -104,7 +106,6 @@ class LlamaConfig:
 
   def num_params(self) -> int:
     """Total parameter count (embedding counted once when tied)."""
-    from qstar_jax.models.llama import flat_param_shapes
     total = 0
     for shape in flat_param_shapes(self).values():
       n = 1
@@ -136,7 +137,6 @@ class LlamaConfig:
                        f"{sorted(names)}")
     data = dict(data)
     if data.get("quant") is not None and isinstance(data["quant"], dict):
-      from qstar_jax.quant import QuantConfig
       data["quant"] = QuantConfig(**data["quant"])
     if "eos_token_ids" in data:
       data["eos_token_ids"] = tuple(data["eos_token_ids"])
@@ -194,3 +194,26 @@ def get_config(name: str, **overrides) -> LlamaConfig:
   if name not in _PRESETS:
     raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(_PRESETS)}")
   return LlamaConfig(**{**_PRESETS[name], **overrides})
+
+
+def flat_param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Dotted parameter names -> shapes, in the model's layout (see `qstar_jax.models.llama`'s docstring)."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  hd, hq, hkv = config.resolved_head_dim, config.num_heads, config.num_kv_heads
+  shapes: dict[str, tuple[int, ...]] = {"embed_tokens.embedding": (v, d)}
+  for i in range(config.num_layers):
+    p = f"layers.{i}."
+    shapes[p + "input_norm.scale"] = (d,)
+    for name, out in (("q_proj", hq * hd), ("k_proj", hkv * hd), ("v_proj", hkv * hd)):
+      shapes[p + f"attn.{name}.kernel"] = (d, out)
+      if config.attention_bias:
+        shapes[p + f"attn.{name}.bias"] = (out,)
+    shapes[p + "attn.o_proj.kernel"] = (hq * hd, d)
+    shapes[p + "post_attn_norm.scale"] = (d,)
+    shapes[p + "mlp.gate_proj.kernel"] = (d, f)
+    shapes[p + "mlp.up_proj.kernel"] = (d, f)
+    shapes[p + "mlp.down_proj.kernel"] = (f, d)
+  shapes["final_norm.scale"] = (d,)
+  if not config.tie_word_embeddings:
+    shapes["lm_head.kernel"] = (d, v)
+  return shapes

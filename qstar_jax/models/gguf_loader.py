@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from qstar_jax.models.config import LlamaConfig
+from qstar_jax.models.config import LlamaConfig, flat_param_shapes
 from qstar_jax.models.errors import (
   CheckpointError,
   CorruptFileError,
@@ -40,6 +40,8 @@ from qstar_jax.models.errors import (
   UnknownArchitectureError,
   check_tensor_names,
 )
+from qstar_jax.models.llama import from_flat_params
+from qstar_jax.models.tokenizer import GGUFTokenizer
 
 __all__ = [
   "open_gguf",
@@ -48,6 +50,7 @@ __all__ = [
   "unpermute_rotary",
   "gguf_to_flat",
   "load_gguf_checkpoint",
+  "load_gguf_tokenizer",
   "load_gguf",
 ]
 
@@ -254,8 +257,6 @@ def gguf_to_flat(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
   """Dequantises and maps every tensor (validated by name and shape before any work)."""
   import gguf
 
-  from qstar_jax.models.llama import flat_param_shapes
-
   expected = flat_param_shapes(config)
   plan = {}
   unexpected = []
@@ -292,27 +293,36 @@ def gguf_to_flat(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
   return flat
 
 
+def _tokenizer_from_metadata(meta: Mapping[str, Any], name: str) -> GGUFTokenizer | None:
+  """The file's byte-level BPE tokenizer, or None (with a warning for an unsupported kind)."""
+  if "tokenizer.ggml.tokens" not in meta:
+    return None
+  kind = meta.get("tokenizer.ggml.model")
+  if kind != "gpt2":
+    warnings.warn(
+      f"GGUF {name}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2' "
+      "byte-level BPE); the model loads with tokenizer None",
+      stacklevel=3,
+    )
+    return None
+  return GGUFTokenizer.from_metadata(meta)
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizer | None:
+  """The tokenizer stored in a GGUF file's metadata (None if it has none), without its tensors."""
+  path = pathlib.Path(path)
+  return _tokenizer_from_metadata(read_metadata(open_gguf(path), tokenizer_arrays=True), path.name)
+
+
 def load_gguf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32"):
   """Reads and validates a GGUF file: (config, flat float32 params, tokenizer or None)."""
-  from qstar_jax.models.tokenizer import GGUFTokenizer
-
   path = pathlib.Path(path)
   reader = open_gguf(path)
   meta = read_metadata(reader, tokenizer_arrays=True)
   shapes = {t.name: _numpy_shape(t) for t in reader.tensors}
   config = config_from_gguf(meta, shapes, dtype=dtype)
 
-  tokenizer = None
-  if "tokenizer.ggml.tokens" in meta:
-    kind = meta.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-      tokenizer = GGUFTokenizer.from_metadata(meta)
-    else:
-      warnings.warn(
-        f"GGUF {path.name}: tokenizer.ggml.model={kind!r} is not supported (only 'gpt2' "
-        "byte-level BPE); the model loads with tokenizer None",
-        stacklevel=2,
-      )
+  tokenizer = _tokenizer_from_metadata(meta, path.name)
   if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
     raise TokenizerMismatchError(
       f"GGUF {path}: the tokenizer has vocab_size {tokenizer.vocab_size} but token_embd.weight "
@@ -324,7 +334,5 @@ def load_gguf_checkpoint(path: str | os.PathLike, *, dtype: str = "float32"):
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32"):
   """Loads a Llama GGUF file: (Llama model, GGUFTokenizer or None)."""
-  from qstar_jax.models.llama import from_flat_params
-
   config, flat, tokenizer = load_gguf_checkpoint(path, dtype=dtype)
   return from_flat_params(config, flat), tokenizer

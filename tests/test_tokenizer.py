@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from qstar_jax.data import load_tiny_shakespeare
 from qstar_jax.models.tokenizer import (
   HFTokenizer,
   SentencePieceTokenizer,
@@ -30,22 +31,8 @@ ODD_STRINGS = [
 ]
 
 
-def _data_dir() -> pathlib.Path:
-  try:
-    from qstar_jax.data.paths import data_dir
-  except ImportError:  # the data helper's module is not there yet
-    import os
-
-    root = pathlib.Path(__file__).resolve().parents[1]
-    return pathlib.Path(os.environ.get("QSTAR_DATA_DIR", root.parent / "shared" / "data"))
-  return pathlib.Path(data_dir())
-
-
 def _shakespeare() -> str:
-  path = _data_dir() / "tinyshakespeare" / "input.txt"
-  if not path.is_file():
-    pytest.skip(f"tiny Shakespeare not found at {path}")
-  return path.read_text(encoding="utf-8")
+  return load_tiny_shakespeare()
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,8 @@
-"""GSM8K (grade-school math): local JSONL files, checksum-verified, parsed into steps.
+"""GSM8K (grade-school math): JSONL files, checksum-verified, parsed into steps.
+
+The files are read from ``data_dir()/gsm8k/{train,test}.jsonl`` when present, else from the
+cache, else downloaded from ``QSTAR_GSM8K_URL`` (default: the public grade-school-math folder)
+and checked against their published sha256 (see ``qstar_jax.data.download``).
 
 Each record of ``load_gsm8k(split)``::
 
@@ -11,25 +15,33 @@ Each record of ``load_gsm8k(split)``::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
 import re
 from typing import Any
 
-from qstar_jax.data.paths import data_dir
+from qstar_jax.data.download import (
+  DataChecksumError,
+  RemoteFile,
+  resolve_file,
+  sha256_file,
+  verify_file,
+)
 
 __all__ = [
+  "GSM8K_FILES",
   "GSM8K_SHA256",
   "GSM8K_SIZES",
   "GSM8K_URLS",
+  "GSM8K_URL_SETTING",
   "DataChecksumError",
   "load_gsm8k",
   "parse_gsm8k_answer",
   "strip_calculator",
   "gsm8k_path",
   "sha256_file",
+  "verify_gsm8k_file",
 ]
 
 SPLITS = ("train", "test")
@@ -38,42 +50,41 @@ GSM8K_SHA256 = {
   "test": "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
 }
 GSM8K_SIZES = {"train": 7473, "test": 1319}
-GSM8K_URLS = {
-  s: f"https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{s}.jsonl"
+GSM8K_URL_SETTING = "QSTAR_GSM8K_URL"
+GSM8K_BASE_URL = (
+  "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
+)
+GSM8K_URLS = {s: f"{GSM8K_BASE_URL}/{s}.jsonl" for s in SPLITS}  # the public URLs (defaults)
+GSM8K_FILES = {
+  s: RemoteFile(
+    name=f"GSM8K {s}",
+    relative_path=f"gsm8k/{s}.jsonl",
+    sha256=GSM8K_SHA256[s],
+    url_setting=GSM8K_URL_SETTING,
+    default_base_url=GSM8K_BASE_URL,
+    description=f"grade-school-math {s}.jsonl, {GSM8K_SIZES[s]:,} problems",
+  )
   for s in SPLITS
 }
 
 _CALC = re.compile(r"<<[^>]*>>")
 
 
-class DataChecksumError(ValueError):
-  """A data file's sha256 differs from the published one."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"GSM8K split {split!r}: expected one of {SPLITS}")
 
 
 def gsm8k_path(split: str) -> pathlib.Path:
-  """``data_dir()/gsm8k/{split}.jsonl``."""
-  if split not in SPLITS:
-    raise ValueError(f"GSM8K split {split!r}: expected one of {SPLITS}")
-  return data_dir() / "gsm8k" / f"{split}.jsonl"
+  """``data_dir()/gsm8k/{split}.jsonl`` (may not exist; ``load_gsm8k`` then uses the cache)."""
+  _check_split(split)
+  return GSM8K_FILES[split].local_path()
 
 
 def verify_gsm8k_file(path: str | os.PathLike, split: str) -> None:
   """Raises DataChecksumError naming the file and both digests when the sha256 differs."""
-  got = sha256_file(path)
-  if got != GSM8K_SHA256[split]:
-    raise DataChecksumError(
-      f"GSM8K {split} file {path} has sha256 {got}, expected {GSM8K_SHA256[split]} "
-      f"(the published grade-school-math {split}.jsonl, {GSM8K_SIZES[split]} problems); "
-      "the file is corrupted or a different version"
-    )
+  _check_split(split)
+  verify_file(path, GSM8K_FILES[split])
 
 
 def strip_calculator(text: str) -> str:
@@ -113,23 +124,18 @@ def load_gsm8k(
 
   Args:
     split: ``"train"`` or ``"test"``.
-    path: a JSONL file (default ``data_dir()/gsm8k/{split}.jsonl``).
+    path: a JSONL file (default ``data_dir()/gsm8k/{split}.jsonl``, else the cached copy,
+      else a verified download into the cache).
     verify: check the file's sha256 against the published value.
 
   Raises:
-    FileNotFoundError: no file (names the path and QSTAR_DATA_DIR).
+    FileNotFoundError: ``path`` given and absent (names it and QSTAR_DATA_DIR).
+    DataUnavailableError: no local or cached copy and the download failed (names
+      QSTAR_DATA_DIR, the path, the URL and QSTAR_GSM8K_URL).
     DataChecksumError: sha256 mismatch (names both digests).
   """
-  if split not in SPLITS:
-    raise ValueError(f"GSM8K split {split!r}: expected one of {SPLITS}")
-  path = pathlib.Path(path) if path is not None else gsm8k_path(split)
-  if not path.is_file():
-    raise FileNotFoundError(
-      f"GSM8K {split} file {path} not found; set QSTAR_DATA_DIR to a folder holding "
-      f"gsm8k/{split}.jsonl (download: {GSM8K_URLS[split]})"
-    )
-  if verify:
-    verify_gsm8k_file(path, split)
+  _check_split(split)
+  path = resolve_file(GSM8K_FILES[split], path, verify=verify)
   out = []
   with open(path, encoding="utf-8") as f:
     for i, line in enumerate(f):

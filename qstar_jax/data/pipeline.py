@@ -21,6 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from qstar_jax.data import text as text_lib
+from qstar_jax.data.gsm8k import load_gsm8k
+
 __all__ = [
   "RandomAccessSource",
   "grain_available",
@@ -186,7 +189,9 @@ def iterate_batches(
 # ------------------------------------------------------------------------------------ packing
 
 
-def pack_tokens(ids: np.ndarray | Sequence[int], seq_len: int, *, overlap: bool = True) -> np.ndarray:
+def pack_tokens(
+  ids: np.ndarray | Sequence[int], seq_len: int, *, overlap: bool = True
+) -> np.ndarray:
   """Cuts a token stream into windows ``[N, seq_len + 1]`` int32.
 
   With ``overlap`` (default) window ``n`` is ``ids[n*T : n*T + T + 1]``: consecutive windows
@@ -229,13 +234,13 @@ def _resolve_backend(backend: str) -> str:
   return backend
 
 
-def read_tiny_shakespeare_splits(*, backend: str = "auto", val_fraction: float = 0.1) -> tuple[str, str]:
+def read_tiny_shakespeare_splits(
+  *, backend: str = "auto", val_fraction: float = 0.1
+) -> tuple[str, str]:
   """(train, validation) text of tiny Shakespeare: through the tfds builder (array_record,
   ``backend="tfds"``) or straight from the file (``"files"``); both give the same strings."""
-  from qstar_jax.data import text as text_lib
-
   if _resolve_backend(backend) == "tfds":
-    from qstar_jax.data import tfds_builders
+    from qstar_jax.data import tfds_builders  # imports tensorflow_datasets (optional)
 
     if val_fraction != tfds_builders.VAL_FRACTION:
       raise ValueError(
@@ -249,9 +254,7 @@ def read_tiny_shakespeare_splits(*, backend: str = "auto", val_fraction: float =
 def read_gsm8k_split(split: str, *, backend: str = "auto") -> list[dict[str, Any]]:
   """GSM8K records (``load_gsm8k`` format) through the tfds builder or straight from the file."""
   if _resolve_backend(backend) == "tfds":
-    from qstar_jax.data import tfds_builders
+    from qstar_jax.data import tfds_builders  # imports tensorflow_datasets (optional)
 
     return tfds_builders.read_gsm8k(split)
-  from qstar_jax.data.gsm8k import load_gsm8k
-
   return load_gsm8k(split)

@@ -1,9 +1,9 @@
 """tensorflow-datasets builders of the project, prepared from local files to array_record.
 
 ``Gsm8kLocal`` and ``TinyShakespeareLocal`` read the files under ``data_dir()`` (tfds'
-*manual_dir*; when a file is missing there they fall back to the public URL through the
-download manager, for machines with a network). They are prepared with
-``file_format="array_record"`` into ``cache_dir()/tfds`` and read back with
+*manual_dir*; when a file is missing there they take the cached copy or download it from its
+URL setting, sha256-verified, through ``qstar_jax.data.download``, like the plain loaders).
+They are prepared with ``file_format="array_record"`` into ``cache_dir()/tfds`` and read back with
 ``builder.as_data_source()`` — random access, no TensorFlow import (checked in the tests).
 
 Records (tfds shuffles records on disk, so each carries its position in the original file):
@@ -28,6 +28,7 @@ import tensorflow_datasets as tfds
 
 from qstar_jax.data import gsm8k as gsm8k_lib
 from qstar_jax.data import text as text_lib
+from qstar_jax.data.download import RemoteFile, locate_or_download
 from qstar_jax.data.paths import cache_dir, data_dir
 
 __all__ = [
@@ -44,11 +45,19 @@ CHUNK_CHARS = 4096
 VAL_FRACTION = 0.1
 
 
-def _manual_file(dl_manager: Any, name: str, url: str) -> pathlib.Path:
-  manual = getattr(dl_manager, "manual_dir", None)
-  if manual is not None and (pathlib.Path(manual) / name).is_file():
-    return pathlib.Path(manual) / name
-  return pathlib.Path(dl_manager.download(url))
+def _source_file(dl_manager: Any, remote: RemoteFile) -> pathlib.Path:
+  """The file in tfds' manual folder when there, else data folder / cache / verified download.
+
+  ``dl_manager.manual_dir`` raises (AssertionError) when the folder is missing or empty, as on
+  a fresh machine with no data folder: that case falls through to the download.
+  """
+  try:
+    manual = pathlib.Path(dl_manager.manual_dir) / pathlib.PurePosixPath(remote.relative_path).name
+  except (AssertionError, ValueError):
+    manual = None
+  if manual is not None and manual.is_file():
+    return manual
+  return locate_or_download(remote)
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -82,7 +91,7 @@ class Gsm8kLocal(_LocalBuilder):
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
     out = {}
     for split in gsm8k_lib.SPLITS:
-      path = _manual_file(dl_manager, f"{split}.jsonl", gsm8k_lib.GSM8K_URLS[split])
+      path = _source_file(dl_manager, gsm8k_lib.GSM8K_FILES[split])
       gsm8k_lib.verify_gsm8k_file(path, split)
       out[split] = self._generate_examples(path)
     return out
@@ -110,7 +119,7 @@ class TinyShakespeareLocal(_LocalBuilder):
     )
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
-    path = _manual_file(dl_manager, "input.txt", text_lib.TINY_SHAKESPEARE_URL)
+    path = _source_file(dl_manager, text_lib.TINY_SHAKESPEARE_FILE)
     train, val = text_lib.split_text(text_lib.load_tiny_shakespeare(path), VAL_FRACTION)
     return {"train": self._generate_examples(train), "validation": self._generate_examples(val)}
 

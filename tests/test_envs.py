@@ -2,13 +2,16 @@
 project's moves; meta-actions, n-puzzle semantics, hashing, encoding, scrambles, validation."""
 
 import itertools
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qstar_jax.envs import cube3, load_deepcubea, make_env, npuzzle
+from qstar_jax.data.paths import data_dir
+from qstar_jax.envs import cube3, deepcubea_path, load_deepcubea, make_env, npuzzle
+from qstar_jax.envs import data as envs_data
 from qstar_jax.envs.cube import _cubies
 
 
@@ -230,3 +233,31 @@ def test_npuzzle_validation_errors():
     env8.validate_states(unsolvable)
   env8.validate_states(np.array([1, 2, 3, 4, 5, 6, 7, 0, 8]))
   assert list(itertools.islice(env8.action_names, 4)) == ["U", "D", "L", "R"]
+
+
+PACKAGED = pathlib.Path(envs_data.__file__).parent / "deepcubea"
+
+
+def test_deepcubea_sets_ship_in_the_package(tmp_path, monkeypatch):
+  """With an empty QSTAR_DATA_DIR the packaged copies are read: the same bytes as the shared
+  data (checked against it where that folder exists) and the licence beside them."""
+  shared = data_dir() / "deepcubea"
+  monkeypatch.setenv("QSTAR_DATA_DIR", str(tmp_path))
+  for name, count in (("cube3", 1000), ("puzzle15", 500)):
+    packaged = deepcubea_path(name)
+    assert pathlib.Path(str(packaged)).parent == PACKAGED
+    assert load_deepcubea(name)["states"].shape[0] == count
+    if (shared / packaged.name).is_file():
+      assert packaged.read_bytes() == (shared / packaged.name).read_bytes()
+  assert "MIT License" in (PACKAGED / "LICENSE").read_text()
+
+
+def test_deepcubea_data_dir_copy_overrides_the_packaged_one(tmp_path, monkeypatch):
+  (tmp_path / "deepcubea").mkdir()
+  full = load_deepcubea("puzzle15")
+  np.savez(tmp_path / "deepcubea" / "puzzle15_test.npz", **{**full, "states": full["states"][:3]})
+  monkeypatch.setenv("QSTAR_DATA_DIR", str(tmp_path))
+  assert deepcubea_path("puzzle15") == tmp_path / "deepcubea" / "puzzle15_test.npz"
+  np.testing.assert_array_equal(load_deepcubea("puzzle15")["states"], full["states"][:3])
+  with pytest.raises(ValueError, match="puzzle24"):
+    deepcubea_path("puzzle24")

@@ -1,7 +1,7 @@
 """qstar_jax.envs: batched, pure-JAX puzzle environments (Rubik's cube, n-puzzle)."""
 
 from qstar_jax.envs.cube import Cube3, cube3
-from qstar_jax.envs.data import load_deepcubea
+from qstar_jax.envs.data import deepcubea_path, load_deepcubea
 from qstar_jax.envs.grading import answers_match, extract_final_number, normalize_number
 from qstar_jax.envs.npuzzle import NPuzzle, npuzzle
 from qstar_jax.envs.puzzle import PuzzleEnv
@@ -26,4 +26,5 @@ __all__ = [
   "answers_match",
   "extract_final_number",
   "normalize_number",
-  "Cube3", "NPuzzle", "PuzzleEnv", "cube3", "load_deepcubea", "make_env", "npuzzle"]
+  "Cube3", "NPuzzle", "PuzzleEnv", "cube3", "deepcubea_path", "load_deepcubea", "make_env",
+  "npuzzle"]

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qstar_jax.envs.data import load_deepcubea
 from qstar_jax.envs.puzzle import PuzzleEnv, permutation_parity
 
 # Base moves in the order of cube3_test.npz: (face, direction).
@@ -27,8 +28,6 @@ BASE_MOVE_NAMES = ("U-1", "U1", "D-1", "D1", "L-1", "L1", "R-1", "R1", "B-1", "B
 
 def _base_move_perms() -> np.ndarray:
   """[12, 54] int32: the quarter turns of cube3_test.npz."""
-  from qstar_jax.envs.data import load_deepcubea
-
   return load_deepcubea("cube3")["move_perm"].astype(np.int32)
 
 

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qstar_jax.models import apply, flat_param_shapes, from_flat_params, get_config
+from qstar_jax.models import (
+  ValueHead,
+  apply,
+  apply_hidden,
+  flat_param_shapes,
+  from_flat_params,
+  get_config,
+)
 from qstar_jax.models.decoding import (
+  SamplingConfig,
   decode,
   decode_trace_count,
   decode_unchecked,
@@ -273,7 +281,8 @@ def test_decode_unchecked_inside_a_callers_jit(split):
   def search_like(params, tokens, lengths):
     res = decode_unchecked(graphdef, params, jax.random.key(0), tokens=tokens,
                            lengths=lengths, cache=None, stop_token_ids=jnp.full((1,), -1),
-                           max_new_tokens=8, cache_max_len=15, greedy=True)
+                           sampling=SamplingConfig(max_new_tokens=8, greedy=True),
+                           cache_max_len=15)
     return res.tokens, res.cache.lengths
 
   before = decode_trace_count()
@@ -281,3 +290,72 @@ def test_decode_unchecked_inside_a_callers_jit(split):
   assert decode_trace_count() == before + 1  # the trace counter is live
   np.testing.assert_array_equal(out, ref.tokens)
   np.testing.assert_array_equal(cache_lengths, ref.cache.lengths)
+
+
+@pytest.mark.parametrize("feed_last_token", [False, True])
+def test_last_hidden_equals_flat_forward_and_value_head(split, feed_last_token):
+  """last_hidden is the flat forward's final-normed hidden state at the row's last fed token:
+  the last generated token with feed_last_token, the one before it otherwise."""
+  graphdef, params = split
+  lengths = np.array([6, 3, 1])
+  tokens = prompts(3, 7, lengths, seed=8)
+  free = decode(graphdef, params, jax.random.key(0), tokens=tokens, lengths=lengths,
+                max_new_tokens=6, greedy=True)
+  stop = int(free.tokens[1, 1])  # row 1 stops after 2 tokens (maybe others too)
+  res = decode(graphdef, params, jax.random.key(0), tokens=tokens, lengths=lengths,
+               sampling=SamplingConfig(max_new_tokens=6, greedy=True,
+                                       feed_last_token=feed_last_token),
+               stop_token_ids=[stop])
+  np.testing.assert_array_equal(res.tokens, decode(
+      graphdef, params, jax.random.key(0), tokens=tokens, lengths=lengths, max_new_tokens=6,
+      greedy=True, stop_token_ids=[stop]).tokens)
+  gen = np.asarray(res.lengths)
+  assert gen[1] == 2 and gen.max() > 2
+  buf = np.zeros((3, WIDTH), np.int32)
+  for r in range(3):
+    seq = list(tokens[r, :lengths[r]]) + list(np.asarray(res.tokens[r, :gen[r]]))
+    buf[r, :len(seq)] = seq
+  hidden, _ = jax.jit(apply_hidden, static_argnums=0)(graphdef, params, jnp.asarray(buf))
+  last = lengths + gen - (1 if feed_last_token else 2)  # index of the last fed token
+  flat = np.asarray(hidden)[np.arange(3), last]
+  assert res.last_hidden.dtype == jnp.float32
+  np.testing.assert_allclose(res.last_hidden, flat, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(res.cache.lengths, last + 1)
+  head = ValueHead(get_config("tiny").hidden_size, rngs=nnx.Rngs(0), init_scale=0.5)
+  np.testing.assert_allclose(head(res.last_hidden), head(jnp.asarray(flat)), atol=1e-5, rtol=0)
+
+
+def test_feed_last_token_cache_continues_with_new_tokens_only(split):
+  graphdef, params = split
+  lengths = np.array([5, 2])
+  tokens = prompts(2, 7, lengths, seed=9)
+  fed = decode(graphdef, params, jax.random.key(0), tokens=tokens, lengths=lengths,
+               max_new_tokens=4, greedy=True, feed_last_token=True)
+  extra = np.asarray([[7, 8], [9, 10]], np.int32)
+  cont = decode(graphdef, params, jax.random.key(0), tokens=extra, cache=fed.cache,
+                max_new_tokens=3, greedy=True)
+  full = np.zeros((2, 13), np.int32)
+  for b in range(2):
+    seq = list(tokens[b, :lengths[b]]) + list(np.asarray(fed.tokens[b])) + list(extra[b])
+    full[b, :len(seq)] = seq
+  scratch = decode(graphdef, params, jax.random.key(0), tokens=full,
+                   lengths=lengths + 4 + 2, max_new_tokens=3, greedy=True)
+  np.testing.assert_array_equal(cont.tokens, scratch.tokens)
+  np.testing.assert_allclose(cont.last_hidden, scratch.last_hidden, atol=1e-5, rtol=0)
+
+
+def test_sampling_config_is_one_static_argument(split):
+  """A sampling config is hashable; its traced fields (temperature, top_p) reuse the program,
+  and fields given both ways are refused."""
+  graphdef, params = split
+  config = SamplingConfig(max_new_tokens=3, temperature=0.7, top_p=0.9)
+  assert hash(config) == hash(SamplingConfig(max_new_tokens=3, temperature=0.7, top_p=0.9))
+  decode(graphdef, params, jax.random.key(0), tokens=prompts(1, 4, [4]), sampling=config)
+  before = decode_trace_count()
+  steps = sample_steps(graphdef, params, jax.random.key(1), tokens=prompts(1, 4, [4]),
+                       sampling=config.replace(temperature=1.9, top_p=0.3))
+  assert decode_trace_count() == before
+  assert steps.last_hidden.shape == (1, 1, get_config("tiny").hidden_size)
+  with pytest.raises(TypeError, match="not both"):
+    decode(graphdef, params, jax.random.key(0), tokens=prompts(1, 4, [4]), sampling=config,
+           greedy=True)

@@ -6,6 +6,7 @@ __all__: list[str] = []
 from qstar_jax.models.config import LlamaConfig, get_config, preset_names  # noqa: E402
 from qstar_jax.models.decoding import (  # noqa: E402
   DecodeResult,
+  SamplingConfig,
   StepSamples,
   decode,
   decode_unchecked,
@@ -34,6 +35,7 @@ from qstar_jax.models.llama import (  # noqa: E402
 
 __all__ += [
   "DecodeResult",
+  "SamplingConfig",
   "StepSamples",
   "decode",
   "decode_unchecked",

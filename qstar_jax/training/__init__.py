@@ -1,4 +1,5 @@
-"""qstar_jax.training: configs, metrics, progress, checkpoints, results, optimizers, train loop."""
+"""qstar_jax.training: configs, metrics, progress, checkpoints, results, optimizers, the train
+loop, and puzzle-heuristic training (DAVI / deep Q-learning) on that loop."""
 
 from qstar_jax.training.checkpoint import (
   CheckpointConfigMismatchError,
@@ -16,8 +17,16 @@ from qstar_jax.training.config import (
 from qstar_jax.training.metrics import MetricsWriter, read_metrics
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer, progress
+from qstar_jax.training.puzzle import PuzzleTrainConfig, load_puzzle_net, train_puzzle
 from qstar_jax.training.results import markdown_table, save_plot, write_results
-from qstar_jax.training.train_loop import TrainLoopConfig, TrainResult, make_train_step, train
+from qstar_jax.training.train_loop import (
+  TrainLoopConfig,
+  TrainResult,
+  TrainState,
+  make_train_chunk,
+  make_train_step,
+  train,
+)
 
 __all__ = [
   "CheckpointConfigMismatchError",
@@ -25,15 +34,19 @@ __all__ = [
   "ConfigError",
   "MetricsWriter",
   "OptimizerConfig",
+  "PhaseTimer",
+  "PuzzleTrainConfig",
   "TrainLoopConfig",
   "TrainResult",
-  "PhaseTimer",
+  "TrainState",
   "abstract_like",
   "config_from_dict",
   "config_to_dict",
   "load_model",
+  "load_puzzle_net",
   "lr_schedule",
   "make_optimizer",
+  "make_train_chunk",
   "make_train_step",
   "markdown_table",
   "parse_config",
@@ -42,10 +55,6 @@ __all__ = [
   "save_model",
   "save_plot",
   "train",
+  "train_puzzle",
   "write_results",
 ]
-
-# Puzzle heuristics: DAVI / deep Q-learning (Q* search helper).
-from qstar_jax.training.puzzle import PuzzleTrainConfig, load_puzzle_net, train_puzzle  # noqa: E402
-
-__all__ += ["PuzzleTrainConfig", "load_puzzle_net", "train_puzzle"]

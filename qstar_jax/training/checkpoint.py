@@ -22,17 +22,17 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
+from flax import nnx
 
-from qstar_jax.training.config import config_to_dict, flatten_dict
-
-try:  # the library's checkpoint error type, when the models package imports cleanly
-  from qstar_jax.models.errors import CheckpointError as _CheckpointErrorBase
-except ImportError:  # pragma: no cover
-  _CheckpointErrorBase = ValueError
+from qstar_jax import __version__
+from qstar_jax.models.errors import CheckpointError
+from qstar_jax.training.config import config_from_dict, config_to_dict, flatten_dict
 
 __all__ = [
   "CheckpointConfigMismatchError",
@@ -46,7 +46,7 @@ __all__ = [
 _MISSING = "<missing>"
 
 
-class CheckpointConfigMismatchError(_CheckpointErrorBase):
+class CheckpointConfigMismatchError(CheckpointError):
   """A checkpoint was written with a different config than the one it is opened with."""
 
   def __init__(self, path: str | os.PathLike, differences: Mapping[str, tuple[Any, Any]]):
@@ -80,12 +80,8 @@ def config_differences(
 
 
 def _versions() -> dict[str, str]:
-  import orbax.checkpoint as ocp
-
-  import qstar_jax
-
   return {
-    "qstar_jax_version": qstar_jax.__version__,
+    "qstar_jax_version": __version__,
     "jax_version": jax.__version__,
     "orbax_version": getattr(ocp, "__version__", "unknown"),
   }
@@ -152,8 +148,6 @@ class CheckpointManager:
     ignore_keys: tuple[str, ...] = (),
     async_save: bool = True,
   ):
-    import orbax.checkpoint as ocp
-
     self.directory = pathlib.Path(directory).absolute()
     self.config = json.loads(json.dumps(config_to_dict(config)))
     self.directory.mkdir(parents=True, exist_ok=True)
@@ -170,7 +164,6 @@ class CheckpointManager:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
     )
-    self._ocp = ocp
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def save(self, step: int, state_pytree: Any, *, force: bool = False) -> bool:
@@ -179,7 +172,7 @@ class CheckpointManager:
     if step in self._manager.all_steps():
       return False
     return bool(
-      self._manager.save(step, args=self._ocp.args.StandardSave(state_pytree), force=force)
+      self._manager.save(step, args=ocp.args.StandardSave(state_pytree), force=force)
     )
 
   def latest_step(self) -> int | None:
@@ -205,7 +198,7 @@ class CheckpointManager:
         f"no checkpoint for step {step} in {self.directory}; available: {self.all_steps()}"
       )
     return self._manager.restore(
-      int(step), args=self._ocp.args.StandardRestore(abstract_like(target))
+      int(step), args=ocp.args.StandardRestore(abstract_like(target))
     )
 
   def wait(self) -> None:
@@ -246,8 +239,6 @@ def _config_dict(config: Any) -> dict[str, Any]:
 
 
 def _saved_filter():
-  from flax import nnx
-
   # RNG streams are run-time state (typed key arrays), not weights.
   return nnx.Not(nnx.RngState)
 
@@ -269,11 +260,6 @@ def save_model(
     config: the model config (default ``model.config``); saved with ``to_dict()``.
     overwrite: replace an existing folder.
   """
-  import shutil
-
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
   path = pathlib.Path(path).absolute()
   config = config if config is not None else getattr(model, "config", None)
   if config is None:
@@ -322,9 +308,6 @@ def load_model(
   Returns:
     ``model``, or ``(model, opt_state)`` when ``opt_state_target`` is given.
   """
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
   path = pathlib.Path(path).absolute()
   meta_path = path / "model.json"
   if not meta_path.is_file():
@@ -339,8 +322,6 @@ def load_model(
     if hasattr(config_cls, "from_dict"):
       config = config_cls.from_dict(meta["config"])
     else:
-      from qstar_jax.training.config import config_from_dict
-
       config = config_from_dict(config_cls, meta["config"])
   if model_cls is None:
     model_cls = _import_qualname(meta["model_class"])

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+
 __all__ = ["MetricsWriter", "read_metrics"]
 
 
@@ -87,8 +89,6 @@ class MetricsWriter:
     tensorboard: bool | None = None,
   ):
     if enabled is None:
-      import jax
-
       enabled = jax.process_index() == 0
     self.enabled = bool(enabled)
     self.out_dir = pathlib.Path(out_dir)

@@ -1,4 +1,5 @@
-"""Optimizer factory: AdamW with linear warmup + cosine (or constant/linear) decay and clipping.
+"""Optimizer factory: AdamW with linear warmup + cosine (or linear/exponential/constant) decay and
+clipping.
 
 Learning rate at step t (``warmup_steps = W``, ``total_steps = S``, peak ``lr``, floor
 ``min_lr_ratio * lr``)::
@@ -6,10 +7,14 @@ Learning rate at step t (``warmup_steps = W``, ``total_steps = S``, peak ``lr``,
   t < W:   lr * (t + 1) / W
   cosine:  floor + (lr - floor) * (1 + cos(pi * min(1, (t - W) / (S - W)))) / 2
   linear:  lr - (lr - floor) * min(1, (t - W) / (S - W))
+  exponential: lr * min_lr_ratio ** ((t - W) / (S - W))   (the floor at S, still decaying after
+           it, as ``optax.exponential_decay``)
   constant: lr
 
 Weight decay applies to parameters with 2 or more dimensions (matrices, embeddings), not to
-norm scales and biases.
+norm scales and biases. With ``weight_decay=0``, no warmup, ``grad_clip_norm=None`` and the
+exponential schedule the update is Adam with ``optax.exponential_decay`` (puzzle training uses
+that, see ``training/puzzle.py``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class OptimizerConfig:
   lr: float = 3e-4
   warmup_steps: int = 100
   total_steps: int | None = None  # schedule length; None: the run's num_steps (given to make_optimizer)
-  schedule: Literal["cosine", "linear", "constant"] = "cosine"
+  schedule: Literal["cosine", "linear", "exponential", "constant"] = "cosine"
   min_lr_ratio: float = 0.1
   weight_decay: float = 0.1
   b1: float = 0.9
@@ -66,10 +71,13 @@ def lr_schedule(cfg: OptimizerConfig, *, total_steps: int | None = None) -> opta
       after = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
     elif cfg.schedule == "linear":
       after = peak - (peak - floor) * frac
+    elif cfg.schedule == "exponential":
+      after = peak * jnp.power(cfg.min_lr_ratio, (t - warmup) / decay_steps)
     elif cfg.schedule == "constant":
       after = jnp.asarray(peak, jnp.float32)
     else:
-      raise ValueError(f"OptimizerConfig.schedule={cfg.schedule!r}: expected cosine/linear/constant")
+      raise ValueError(f"OptimizerConfig.schedule={cfg.schedule!r}: expected "
+                       "cosine/linear/exponential/constant")
     return jnp.where(t < warmup, warm, after)
 
   return schedule

@@ -11,8 +11,11 @@ The target network is refreshed with the online one when the mean loss of the la
 ``target_check_every`` steps falls below ``target_loss_threshold``, or after
 ``target_update_every`` steps, whichever comes first (DeepCubeA's rule plus a cap).
 
-Steps run ``target_check_every`` at a time in one jitted ``lax.scan``; the data of step ``t`` is a
-function of ``(seed, t)`` only, so a resumed run reproduces an uninterrupted one.
+Training runs on the one train loop (``training/train_loop.py``): steps run
+``target_check_every`` at a time in one jitted ``lax.scan``, the target network rides in the
+loop state's ``extra`` and its refresh is the loop's ``on_step`` hook; resume, metrics, progress
+and checkpoints are the loop's. The data of step ``t`` is a function of ``(seed, t)`` only, so a
+resumed run reproduces an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from qstar_jax.envs import make_env
@@ -39,6 +41,10 @@ from qstar_jax.losses.dqn import (
   value_iteration_targets,
 )
 from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
+from qstar_jax.training.checkpoint import load_model, save_model
+from qstar_jax.training.config import config_to_dict
+from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+from qstar_jax.training.train_loop import TrainLoopConfig, TrainState, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +103,19 @@ def _check(cfg: PuzzleTrainConfig, env: PuzzleEnv) -> None:
     raise ValueError("out=DIR is required")
 
 
-def make_optimizer(cfg: PuzzleTrainConfig) -> optax.GradientTransformation:
-  schedule = optax.exponential_decay(cfg.learning_rate, transition_steps=cfg.steps,
-                                     decay_rate=cfg.lr_decay_rate)
-  return optax.adam(schedule)
+def optimizer_config(cfg: PuzzleTrainConfig) -> OptimizerConfig:
+  """Adam (no weight decay, no clipping) with ``lr * lr_decay_rate ** (t / steps)``."""
+  return OptimizerConfig(lr=cfg.learning_rate, warmup_steps=0, total_steps=cfg.steps,
+                         schedule="exponential", min_lr_ratio=cfg.lr_decay_rate, weight_decay=0.0,
+                         b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=None)
 
 
-def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef,
-                  optimizer: optax.GradientTransformation):
-  """``chunk(train_state, base_key) -> (train_state, losses [target_check_every])``, jitted."""
+def make_loss_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef):
+  """``loss(params, batch, rng_key, extra) -> (mean squared Bellman error, {})`` for the loop.
+
+  ``batch`` is unused (None): the states are scrambled from ``rng_key``; ``extra`` holds the
+  target network (``extra["target_params"]``).
+  """
   apply = lambda params, states: nnx.merge(graphdef, params)(env.encode(states))  # noqa: E731
   if cfg.value_target:
     if cfg.head != "q":
@@ -119,7 +129,7 @@ def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef
   num_actions = env.num_actions
   m = cfg.sampled_actions or num_actions
 
-  def loss_fn(params, target_params, key):
+  def bellman_error(params, target_params, key):
     key_s, key_a = jax.random.split(key)
     states, _ = env.scramble(key_s, num_states=cfg.batch_size, max_depth=cfg.max_scramble_depth)
     if cfg.head == "value":
@@ -139,87 +149,65 @@ def make_chunk_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef
     err = squared_td_error(q, y)
     return jnp.sum(jnp.where(valid, err, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
-  def one_step(carry, _):
-    params, target_params, opt_state, step, base_key = carry
-    key = jax.random.fold_in(base_key, step)
-    loss, grads = jax.value_and_grad(loss_fn)(params, target_params, key)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, target_params, opt_state, step + 1, base_key), loss
+  def loss_fn(params, batch, rng_key, extra):
+    del batch
+    return bellman_error(params, extra["target_params"], rng_key), {}
 
-  @jax.jit
-  def chunk(state: dict, base_key: jax.Array):
-    carry = (state["params"], state["target_params"], state["opt_state"], state["step"], base_key)
-    carry, losses = jax.lax.scan(one_step, carry, None, length=cfg.target_check_every)
-    params, _, opt_state, step, _ = carry
-    return dict(state, params=params, opt_state=opt_state, step=step), losses
+  return loss_fn
 
-  return chunk
+
+def make_target_refresh(cfg: PuzzleTrainConfig):
+  """The loop's ``on_step`` hook: after each chunk of ``target_check_every`` steps, copies the
+  online network into the target when the chunk's mean loss is below ``target_loss_threshold``
+  or ``target_update_every`` steps have passed since the last copy; logs ``target_updates`` and
+  ``target_refreshed``."""
+
+  def refresh(step: int, state: TrainState, metrics: dict[str, float]) -> TrainState:
+    extra = state.extra
+    since = step - int(extra["last_target_update"])
+    refreshed = metrics["loss"] < cfg.target_loss_threshold or since >= cfg.target_update_every
+    if refreshed:
+      extra = {"target_params": state.params,
+               "last_target_update": jnp.asarray(step, jnp.int32),
+               "target_updates": extra["target_updates"] + 1}
+    metrics["target_updates"] = float(extra["target_updates"])
+    metrics["target_refreshed"] = float(refreshed)
+    return state.replace(extra=extra)
+
+  return refresh
 
 
 def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
-  """Trains, checkpoints (resumable from ``out/checkpoints``), exports ``out/model``.
+  """Trains on the train loop (resumable from ``out/checkpoints``), exports ``out/model``.
 
   Returns a summary dict (final loss, steps, target updates, seconds).
   """
-  from qstar_jax.training.checkpoint import CheckpointManager, save_model
-  from qstar_jax.training.config import config_to_dict
-  from qstar_jax.training.metrics import MetricsWriter
-  from qstar_jax.training.progress import progress
-
   env = env_for(cfg)
   _check(cfg, env)
   out = pathlib.Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
   net_cfg = net_config_for(cfg, env)
   model = PuzzleNet(net_cfg, rngs=nnx.Rngs(cfg.seed))
   graphdef, params = nnx.split(model)
-  optimizer = make_optimizer(cfg)
-  state = {"params": params, "target_params": params, "opt_state": optimizer.init(params),
-           "step": jnp.zeros((), jnp.int32), "last_target_update": jnp.zeros((), jnp.int32),
+  opt_cfg = optimizer_config(cfg)
+  extra = {"target_params": params, "last_target_update": jnp.zeros((), jnp.int32),
            "target_updates": jnp.zeros((), jnp.int32)}
-  manager = CheckpointManager(out / "checkpoints", config=config_to_dict(cfg),
-                              ignore_keys=("out", "steps", "checkpoint_every", "max_seconds"))
-  start = manager.latest_step()
-  if start is not None:
-    state = manager.restore(start, target=state)
-    log(f"resumed from step {start}")
-  chunk = make_chunk_fn(cfg, env, graphdef, optimizer)
-  base_key = jax.random.key(cfg.seed)
-  step = int(state["step"])
-  num_chunks = -(-(cfg.steps - step) // cfg.target_check_every)
+  loop_cfg = TrainLoopConfig(num_steps=cfg.steps, eval_every=0,
+                             checkpoint_every=cfg.checkpoint_every,
+                             log_every=cfg.target_check_every, max_to_keep=3, seed=cfg.seed)
   t0 = time.time()
-  loss = float("nan")
-  with MetricsWriter(out) as writer:
-    bar = progress(total=cfg.steps, initial=step, desc=f"{env.name}/{cfg.head}", unit="step")
-    for _ in range(max(num_chunks, 0)):
-      state, losses = chunk(state, base_key)
-      step = int(state["step"])
-      loss = float(jnp.mean(losses))
-      since = step - int(state["last_target_update"])
-      refreshed = loss < cfg.target_loss_threshold or since >= cfg.target_update_every
-      if refreshed:
-        state = dict(state, target_params=state["params"],
-                     last_target_update=jnp.asarray(step, jnp.int32),
-                     target_updates=state["target_updates"] + 1)
-      writer.write(step, {"loss": loss, "target_updates": float(state["target_updates"]),
-                          "target_refreshed": float(refreshed)})
-      bar.update(cfg.target_check_every)
-      bar.set_postfix(loss=f"{loss:.4f}", targets=int(state["target_updates"]))
-      out_of_time = cfg.max_seconds > 0 and time.time() - t0 > cfg.max_seconds
-      if (step % cfg.checkpoint_every < cfg.target_check_every or step >= cfg.steps
-          or out_of_time):
-        manager.save(step, state)
-      if out_of_time:
-        log(f"max_seconds={cfg.max_seconds} reached at step {step}")
-        break
-    bar.close()
-  manager.close()
-  model = nnx.merge(graphdef, state["params"])
-  save_model(out / "model", model, config=net_cfg, overwrite=True)
-  summary = {"domain": env.name, "head": cfg.head, "steps": step, "final_loss": loss,
-             "target_updates": int(state["target_updates"]), "seconds": time.time() - t0,
-             "num_params": int(sum(x.size for x in jax.tree.leaves(state["params"])))}
+  result = train(
+    make_loss_fn(cfg, env, graphdef), params, optimizer=make_optimizer(opt_cfg),
+    train_batches=None, config=loop_cfg, out_dir=out, run_config=config_to_dict(cfg),
+    lr_fn=lr_schedule(opt_cfg), extra=extra, on_step=make_target_refresh(cfg),
+    steps_per_call=cfg.target_check_every, max_seconds=cfg.max_seconds,
+    ignore_config_keys=("out", "steps", "checkpoint_every", "max_seconds"), metrics_prefix="",
+    progress_desc=f"{env.name}/{cfg.head}", log=log,
+  )
+  save_model(out / "model", nnx.merge(graphdef, result.params), config=net_cfg, overwrite=True)
+  summary = {"domain": env.name, "head": cfg.head, "steps": result.step,
+             "final_loss": result.last_train_loss,
+             "target_updates": int(result.extra["target_updates"]), "seconds": time.time() - t0,
+             "num_params": int(sum(x.size for x in jax.tree.leaves(result.params)))}
   (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
   log(json.dumps(summary))
   return summary
@@ -227,8 +215,6 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
 
 def load_puzzle_net(path: str | pathlib.Path) -> PuzzleNet:
   """Loads a network exported by ``train_puzzle`` (``out/model``)."""
-  from qstar_jax.training.checkpoint import load_model
-
   return load_model(path, model_cls=PuzzleNet)
 
 

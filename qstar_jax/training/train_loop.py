@@ -1,23 +1,31 @@
-"""A generic jitted train loop over plain pytrees, with accumulation, eval, metrics and resume.
+"""The one train loop over plain pytrees: restore, step, eval, log, and a host hook.
 
 The caller brings a pure loss ``loss_fn(params, batch, rng_key) -> (loss, aux)`` (``aux`` a
 dict of scalars, may be empty), initial ``params`` (any pytree, e.g. the ``nnx.State`` of
 ``graphdef, params = nnx.split(model)``), an optax optimizer and a function giving the train
-batches from a step on. The loop:
+batches from a step on. The loop is made of named pieces:
 
-- jits one optimizer step (compiled once): with ``accum_steps = A`` the batch ``[B, ...]`` is
-  reshaped to ``[A, B / A, ...]`` and gradients are averaged over the A micro-batches in a
-  ``lax.scan``: ``g = (1/A) sum_a grad L(params, micro_a)``;
-- derives the step's RNG key as ``fold_in(key(seed), step)`` (no RNG state to save);
-- evaluates every ``eval_every`` steps and at the end (mean of ``eval_loss_fn`` over the
-  eval batches);
-- saves ``{"params", "opt_state", "step"}`` every ``checkpoint_every`` steps and at the end to
-  ``out_dir/checkpoints`` through :class:`CheckpointManager` (config-checked);
-- auto-resumes: rerun with the same ``out_dir`` (e.g. after a SIGKILL) and it restores the latest
-  checkpoint and asks ``train_batches(start_step)`` for the batches from there on, so the run
+- **restore** (:func:`restore_state`): auto-resume. Rerun with the same ``out_dir`` (e.g. after a
+  SIGKILL) and the latest checkpoint of ``out_dir/checkpoints`` is restored into the state's
+  structure; ``train_batches(start_step)`` then gives the batches from there on, so the run
   continues exactly as an uninterrupted one would (identical floats on the same machine);
-- writes metrics (``train/loss``, ``train/lr``, ``train/steps_per_s``, ``eval/loss``, aux) to
-  ``out_dir/metrics.jsonl`` (+ TensorBoard), dropping records past the resume step.
+- **step** (:func:`make_train_step`, :func:`make_train_chunk`): one jitted optimizer step, or
+  ``steps_per_call`` steps in one jitted ``lax.scan`` (compiled once). With ``accum_steps = A``
+  the batch ``[B, ...]`` is reshaped to ``[A, B / A, ...]`` and gradients are averaged over the A
+  micro-batches in a ``lax.scan``: ``g = (1/A) sum_a grad L(params, micro_a)``. The step's RNG
+  key is ``fold_in(key(seed), step)`` (no RNG state to save);
+- **eval** (:func:`evaluate`): every ``eval_every`` steps and at the end, the mean of
+  ``eval_loss_fn`` over the eval batches;
+- **log** (:class:`TrainLog`): metrics (``train/loss``, ``train/lr``, ``train/grad_norm``, aux,
+  ``eval/...``) to ``out_dir/metrics.jsonl`` (+ TensorBoard), records past the resume step
+  dropped, a progress bar with rates, a non-finite training loss stops the run;
+- **on_step**: a host hook called after each step (or each call of ``steps_per_call`` steps) with
+  the step number, the :class:`TrainState` and the step's host metrics; it may return an updated
+  state (e.g. a refreshed target network in ``extra``) and add host metrics to the record.
+
+Checkpoints ``{"params", "opt_state", "step"}`` (+ ``"extra"`` when the state carries one) are
+saved every ``checkpoint_every`` steps and at the end through :class:`CheckpointManager`
+(config-checked).
 """
 
 from __future__ import annotations
@@ -34,14 +42,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 
 from qstar_jax.training.checkpoint import CheckpointManager
 from qstar_jax.training.metrics import MetricsWriter
 from qstar_jax.training.progress import PhaseTimer, progress
 
-__all__ = ["TrainLoopConfig", "TrainResult", "train", "make_train_step", "make_eval_step"]
+__all__ = [
+  "TrainLoopConfig",
+  "TrainResult",
+  "TrainState",
+  "TrainLog",
+  "train",
+  "make_train_step",
+  "make_train_chunk",
+  "make_eval_step",
+  "restore_state",
+  "evaluate",
+]
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+OnStep = Callable[[int, "TrainState", dict[str, float]], "TrainState | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +76,31 @@ class TrainLoopConfig:
   seed: int = 0
 
 
+@struct.dataclass
+class TrainState:
+  """What the loop carries from step to step and checkpoints."""
+
+  params: Any          # parameter pytree
+  opt_state: Any       # the optimizer's state of ``params``
+  step: jax.Array      # [] int32 optimizer steps done
+  extra: Any = None    # pytree the loss reads beside the params (a target network); None: unused
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
   params: Any                    # final parameters (same structure as the input)
   opt_state: Any
-  step: int                      # steps done (== num_steps)
+  step: int                      # steps done (num_steps, or fewer when max_seconds stopped it)
   resumed_from: int | None       # checkpoint step the run resumed from, if any
-  last_train_loss: float         # loss of the last optimizer step
+  last_train_loss: float         # loss of the last optimizer step (mean of the last call's steps)
   eval_history: list[tuple[int, dict[str, float]]]   # (step, eval metrics)
   timings: dict[str, float]      # seconds per phase (compile, train, eval, checkpoint)
   steps_per_s: float             # this process's steady-state rate (compile excluded)
+  extra: Any = None              # the final ``TrainState.extra``
+  stopped_early: bool = False    # max_seconds ran out before num_steps
+
+
+# ----------------------------------------------------------------------------------------- step
 
 
 def _split_micro(batch: Any, accum_steps: int) -> Any:
@@ -78,21 +114,18 @@ def _split_micro(batch: Any, accum_steps: int) -> Any:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(
+def _step_body(
   loss_fn: LossFn,
   optimizer: optax.GradientTransformation,
   *,
-  accum_steps: int = 1,
-  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+  accum_steps: int,
+  lr_fn: Callable[[jax.Array], jax.Array] | None,
 ) -> Callable:
-  """``step_fn(params, opt_state, batch, rng_key, step) -> (params, opt_state, metrics)``, jitted.
+  """The un-jitted optimizer step ``(params, opt_state, batch, rng_key, step, extra)``."""
 
-  Metrics: ``loss`` (mean over micro-batches), ``grad_norm`` (global norm of the averaged
-  gradient), ``lr`` (when ``lr_fn`` is given) and the means of ``aux``.
-  """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step_fn(params, opt_state, batch, rng_key, step):
+  def step_fn(params, opt_state, batch, rng_key, step, extra=None):
+    loss_of = loss_fn if extra is None else (lambda p, b, k: loss_fn(p, b, k, extra))
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
     if accum_steps == 1:
       (loss, aux), grads = grad_fn(params, batch, rng_key)
     else:
@@ -125,7 +158,53 @@ def make_train_step(
       metrics["lr"] = lr_fn(step)
     return params, opt_state, metrics
 
-  return jax.jit(step_fn, donate_argnums=(0, 1))
+  return step_fn
+
+
+def make_train_step(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  accum_steps: int = 1,
+  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable:
+  """``step_fn(params, opt_state, batch, rng_key, step, extra=None) -> (params, opt_state,
+  metrics)``, jitted (``params`` and ``opt_state`` donated).
+
+  ``loss_fn(params, batch, rng_key)``, or ``loss_fn(params, batch, rng_key, extra)`` when
+  ``extra`` is given. Metrics: ``loss`` (mean over micro-batches), ``grad_norm`` (global norm of
+  the averaged gradient), ``lr`` (when ``lr_fn`` is given) and the means of ``aux``.
+  """
+  return jax.jit(_step_body(loss_fn, optimizer, accum_steps=accum_steps, lr_fn=lr_fn),
+                 donate_argnums=(0, 1))
+
+
+def make_train_chunk(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  steps_per_call: int,
+  accum_steps: int = 1,
+  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable:
+  """``chunk(state, batches, base_key) -> (state, metrics)``, jitted (``state`` donated).
+
+  Runs ``steps_per_call = K`` optimizer steps of :func:`make_train_step` in one ``lax.scan``:
+  step ``t`` uses the key ``fold_in(base_key, t)`` and the batch ``batches[i]`` (batches stacked
+  ``[K, ...]``; ``None`` when the loss draws its data from the key). Metrics are stacked ``[K]``.
+  """
+  body = _step_body(loss_fn, optimizer, accum_steps=accum_steps, lr_fn=lr_fn)
+
+  def chunk(state: TrainState, batches: Any, base_key: jax.Array):
+    def one(state: TrainState, batch: Any):
+      key = jax.random.fold_in(base_key, state.step)
+      params, opt_state, metrics = body(state.params, state.opt_state, batch, key, state.step,
+                                        state.extra)
+      return state.replace(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+    return jax.lax.scan(one, state, batches, length=steps_per_call)
+
+  return jax.jit(chunk, donate_argnums=(0,))
 
 
 def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]]) -> Callable:
@@ -138,8 +217,16 @@ def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]]) -
   return jax.jit(eval_step)
 
 
-def _to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+# -------------------------------------------------------------------------------- restore, eval
+
+
+def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
+  """The saved layout: ``{"params", "opt_state", "step"}`` (+ ``"extra"`` when used)."""
+  tree = {"params": state.params, "opt_state": state.opt_state,
+          "step": jnp.asarray(state.step, jnp.int32)}
+  if state.extra is not None:
+    tree["extra"] = state.extra
+  return tree
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
@@ -159,9 +246,108 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def restore_state(
+  manager: CheckpointManager, state: TrainState
+) -> tuple[TrainState, int | None]:
+  """Auto-resume: ``(the latest checkpoint restored into state's structure, its step)``, or
+  ``(state, None)`` when the run has no checkpoint yet."""
+  latest = manager.latest_step()
+  if latest is None:
+    return state, None
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype),
+                        _checkpoint_tree(state))
+  restored = manager.restore(latest, target=target)
+  step = int(restored["step"])
+  if step != latest:
+    raise RuntimeError(f"checkpoint {latest} holds step {step}")
+  return TrainState(params=restored["params"], opt_state=restored["opt_state"],
+                    step=jnp.asarray(step, jnp.int32), extra=restored.get("extra")), latest
+
+
+def _to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def evaluate(eval_fn: Callable, params: Any, eval_batches: Iterable[Any]) -> dict[str, float]:
+  """Means of ``eval_fn(params, batch)``'s metrics over ``eval_batches``."""
+  sums: dict[str, float] = {}
+  count = 0
+  for batch in eval_batches:
+    for k, v in _to_host(eval_fn(params, batch)).items():
+      sums[k] = sums.get(k, 0.0) + v
+    count += 1
+  if count == 0:
+    raise ValueError("eval_batches() yielded no batches")
+  return {k: v / count for k, v in sums.items()}
+
+
+# ------------------------------------------------------------------------------------------ log
+
+
+class TrainLog:
+  """Train/eval metrics to ``metrics.jsonl`` (+ TensorBoard) and a progress bar.
+
+  Train metrics stay on the device until a log step (no host sync per step), then are written
+  with ``prefix`` (``"train/loss"``); a non-finite loss raises ``FloatingPointError``.
+  """
+
+  def __init__(self, out_dir: pathlib.Path, *, total: int, initial: int, desc: str,
+               prefix: str, force_progress: bool):
+    self.writer = MetricsWriter(out_dir)
+    self.bar = progress(total=total, initial=initial, desc=desc, unit="step",
+                        force=force_progress)
+    self.prefix = prefix
+    self.last_loss = float("nan")  # stays NaN when the run was complete before this call
+    self._pending: list[tuple[int, Mapping[str, Any]]] = []
+
+  def add(self, step: int, metrics: Mapping[str, Any], *, num_steps: int = 1) -> None:
+    self._pending.append((step, metrics))
+    self.bar.update(num_steps)
+
+  def flush(self) -> None:
+    host = [(s, _to_host(m)) for s, m in self._pending]
+    self._pending.clear()
+    for s, m in host:
+      self.writer.write(s, {f"{self.prefix}{k}": v for k, v in m.items()})
+    if host:
+      self.last_loss = host[-1][1]["loss"]
+      self.bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
+      if not np.isfinite(self.last_loss):
+        raise FloatingPointError(f"train loss is {self.last_loss} at step {host[-1][0]}")
+
+  def eval(self, step: int, means: Mapping[str, float]) -> None:
+    self.writer.write(step, {f"eval/{k}": v for k, v in means.items()})
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------- train
+
+
 def _excluded(timer: PhaseTimer) -> float:
   s = timer.summary()
   return s.get("eval", 0.0) + s.get("checkpoint", 0.0)
+
+
+def _crossed(every: int, before: int, after: int) -> bool:
+  """Whether the steps ``before+1 .. after`` include a multiple of ``every`` (0: never)."""
+  return bool(every) and after // every > before // every
+
+
+def _unalias(state: TrainState) -> TrainState:
+  """Copies ``extra`` leaves that are ``params`` buffers (a target network set to the online
+  one): the step donates the params, which would delete them."""
+  if state.extra is None:
+    return state
+  owned = {id(x) for x in jax.tree.leaves(state.params)}
+  return state.replace(extra=jax.tree.map(lambda x: jnp.copy(x) if id(x) in owned else x,
+                                          state.extra))
+
+
+def _print(message: str) -> None:
+  print(message, flush=True)
 
 
 def train(
@@ -169,7 +355,7 @@ def train(
   params: Any,
   *,
   optimizer: optax.GradientTransformation,
-  train_batches: Callable[[int], Iterator[Any]],
+  train_batches: Callable[[int], Iterator[Any]] | None,
   config: TrainLoopConfig,
   out_dir: str | os.PathLike,
   run_config: Mapping[str, Any],
@@ -178,16 +364,26 @@ def train(
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
   on_eval: Callable[[int, dict[str, float]], None] | None = None,
   show_progress: bool | None = None,
+  extra: Any = None,
+  on_step: OnStep | None = None,
+  steps_per_call: int = 1,
+  max_seconds: float = 0.0,
+  ignore_config_keys: tuple[str, ...] = (),
+  metrics_prefix: str = "train/",
+  progress_desc: str = "train",
+  log: Callable[[str], None] = _print,
 ) -> TrainResult:
   """Trains ``params`` for ``config.num_steps`` optimizer steps, resuming ``out_dir`` if it holds
   checkpoints of the same run.
 
   Args:
-    loss_fn: pure ``(params, batch, rng_key) -> (scalar loss, dict of scalar aux)``.
+    loss_fn: pure ``(params, batch, rng_key) -> (scalar loss, dict of scalar aux)``; with
+      ``extra``: ``(params, batch, rng_key, extra)``.
     params: initial parameter pytree (ignored when resuming, except as the restore target).
     optimizer: optax transformation.
     train_batches: ``start_step -> iterator`` of batches for steps ``start_step, ...``; must be
-      deterministic in ``start_step`` for resumed runs to match uninterrupted ones.
+      deterministic in ``start_step`` for resumed runs to match uninterrupted ones. None: the
+      loss draws its data from ``rng_key`` (its ``batch`` is None).
     config: loop settings.
     out_dir: run folder (``checkpoints/``, ``metrics.jsonl``).
     run_config: the experiment's config dict; a checkpoint folder with another config is refused
@@ -198,126 +394,144 @@ def train(
     lr_fn: step -> learning rate, logged as ``train/lr``.
     on_eval: callback ``(step, eval_metrics)``.
     show_progress: force the live progress bar on/off (default: when on a terminal).
+    extra: initial ``TrainState.extra`` (e.g. a target network), checkpointed with the params.
+    on_step: host hook ``(step, state, metrics) -> state | None`` after each call of the step
+      (``step`` = steps done, ``metrics`` = the call's host metrics, means over its steps). A
+      returned state replaces the loop's; entries the hook adds to ``metrics`` are logged.
+    steps_per_call: steps per jitted call (one ``lax.scan``); the run ends at the first
+      multiple of it past the start at or after ``num_steps``. Each call's metrics are logged as
+      one record (means over its steps).
+    max_seconds: > 0: stop (checkpoint, final eval) after the call at which this much wall time
+      has passed.
+    ignore_config_keys: dotted ``run_config`` keys that may differ on resume (e.g. ``"out"``).
+    metrics_prefix: prefix of the train metrics' names in ``metrics.jsonl``.
+    progress_desc: label of the progress bar.
+    log: where the resume and stop messages go.
   """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  if config.num_steps < 1:
-    raise ValueError(f"num_steps={config.num_steps}: expected >= 1")
-  if config.accum_steps < 1:
-    raise ValueError(f"accum_steps={config.accum_steps}: expected >= 1")
+  for name, value in (("num_steps", config.num_steps), ("accum_steps", config.accum_steps),
+                      ("steps_per_call", steps_per_call)):
+    if value < 1:
+      raise ValueError(f"{name}={value}: expected >= 1")
   timer = PhaseTimer()
   manager = CheckpointManager(out_dir / "checkpoints", config=run_config,
-                              max_to_keep=config.max_to_keep)
-  opt_state = optimizer.init(params)
-  start_step = 0
-  resumed_from = manager.latest_step()
-  if resumed_from is not None:
+                              max_to_keep=config.max_to_keep, ignore_keys=ignore_config_keys)
+  state = TrainState(params=params, opt_state=optimizer.init(params),
+                     step=jnp.zeros((), jnp.int32), extra=extra)
+  resumed_from = None
+  if manager.latest_step() is not None:
     with timer.phase("restore"):
-      target = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
-      restored = manager.restore(resumed_from, target=jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype), target))
-      params, opt_state = restored["params"], restored["opt_state"]
-      start_step = int(restored["step"])
-    if start_step != resumed_from:
-      raise RuntimeError(f"checkpoint {resumed_from} holds step {start_step}")
-    _truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    print(f"resuming {out_dir} from step {start_step}", flush=True)
-
+      state, resumed_from = restore_state(manager, state)
+    _truncate_metrics(out_dir / "metrics.jsonl", resumed_from)
+    log(f"{out_dir}: resumed from step {resumed_from}")
   else:
-    # The step donates its params/opt_state buffers: work on a copy so that the caller's arrays
-    # (and a model sharing them) stay valid.
-    params = jax.tree.map(jnp.copy, params)
+    # The step donates its params/opt_state (a chunk: the whole state) buffers: work on a copy
+    # so that the caller's arrays (and a model sharing them) stay valid.
+    state = state.replace(params=jax.tree.map(jnp.copy, state.params),
+                          extra=jax.tree.map(jnp.copy, state.extra))
+  start_step = int(state.step)
 
-  step_fn = make_train_step(loss_fn, optimizer, accum_steps=config.accum_steps, lr_fn=lr_fn)
+  if steps_per_call == 1:
+    step_fn = make_train_step(loss_fn, optimizer, accum_steps=config.accum_steps, lr_fn=lr_fn)
+  else:
+    chunk_fn = make_train_chunk(loss_fn, optimizer, steps_per_call=steps_per_call,
+                                accum_steps=config.accum_steps, lr_fn=lr_fn)
   if eval_loss_fn is None:
     eval_key = jax.random.key(config.seed + 1)
     eval_loss_fn = lambda p, b: loss_fn(p, b, eval_key)  # noqa: E731
   eval_fn = make_eval_step(eval_loss_fn) if eval_batches is not None else None
   base_key = jax.random.key(config.seed)
-  writer = MetricsWriter(out_dir)
+  logger = TrainLog(out_dir, total=config.num_steps, initial=start_step, desc=progress_desc,
+                    prefix=metrics_prefix, force_progress=bool(show_progress))
   eval_history: list[tuple[int, dict[str, float]]] = []
 
   def run_eval(step: int) -> None:
     if eval_fn is None:
       return
     with timer.phase("eval"):
-      sums: dict[str, float] = {}
-      count = 0
-      for batch in eval_batches():
-        m = _to_host(eval_fn(params, batch))
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + v
-        count += 1
-      if count == 0:
-        raise ValueError("eval_batches() yielded no batches")
-      means = {k: v / count for k, v in sums.items()}
+      means = evaluate(eval_fn, state.params, eval_batches())
     eval_history.append((step, means))
-    writer.write(step, {f"eval/{k}": v for k, v in means.items()})
+    logger.eval(step, means)
     if on_eval is not None:
       on_eval(step, means)
 
-  last_loss = float("nan")  # stays NaN when the run was already complete before this call
-  pending: list[tuple[int, dict[str, Any]]] = []
-  steady_steps, steady_time = 0, 0.0
-  bar = progress(total=config.num_steps, initial=start_step, desc="train", unit="step",
-                 force=bool(show_progress))
-  steady_t0 = None
-  batches = train_batches(start_step)
+  def save(step: int, *, force: bool = False) -> None:
+    with timer.phase("checkpoint"):
+      manager.save(step, _checkpoint_tree(state), force=force)
+
+  def next_batches() -> Any:
+    if batches is None:
+      return None
+    if steps_per_call == 1:
+      return next(batches)
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(next(batches) for _ in range(steps_per_call)))
+
+  steady_steps, steady_time, steady_t0, excluded0 = 0, 0.0, None, 0.0
+  stopped_early = False
+  batches = train_batches(start_step) if train_batches is not None else None
+  step = start_step
+  t_start = time.perf_counter()
   try:
-    for step in range(start_step, config.num_steps):
-      batch = next(batches)
+    while step < config.num_steps:
+      batch = next_batches()
       t0 = time.perf_counter()
-      params, opt_state, metrics = step_fn(
-        params, opt_state, batch, jax.random.fold_in(base_key, step), jnp.int32(step)
-      )
-      pending.append((step + 1, metrics))
-      done = step + 1
-      log_now = done % max(config.log_every, 1) == 0 or done == config.num_steps
+      if steps_per_call == 1:
+        params, opt_state, metrics = step_fn(
+          state.params, state.opt_state, batch, jax.random.fold_in(base_key, step),
+          jnp.int32(step), state.extra,
+        )
+        state = state.replace(params=params, opt_state=opt_state,
+                              step=jnp.asarray(step + 1, jnp.int32))
+      else:
+        state, stacked = chunk_fn(state, batch, base_key)
+        metrics = {k: jnp.mean(v) for k, v in stacked.items()}
+      done = step + steps_per_call
       if step == start_step:  # first call: compile + run
         jax.block_until_ready(metrics)
         timer.add("compile", time.perf_counter() - t0)
         steady_t0 = time.perf_counter()
         excluded0 = _excluded(timer)
-      if log_now:
-        host = [(s, _to_host(m)) for s, m in pending]
-        pending.clear()
-        for s, m in host:
-          writer.write(s, {f"train/{k}": v for k, v in m.items()})
-        last_loss = host[-1][1]["loss"]
-        bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
-        if not np.isfinite(last_loss):
-          raise FloatingPointError(f"train loss is {last_loss} at step {done}")
-      if step > start_step:
-        steady_steps += 1
-      bar.update(1)
-      if config.eval_every and done % config.eval_every == 0 and done != config.num_steps:
+      else:
+        steady_steps += steps_per_call
+      if on_step is not None:
+        metrics = _to_host(metrics)
+        updated = on_step(done, state, metrics)
+        if updated is not None:
+          state = _unalias(updated)
+      logger.add(done, metrics, num_steps=steps_per_call)
+      if _crossed(max(config.log_every, 1), step, done) or done >= config.num_steps:
+        logger.flush()
+      if _crossed(config.eval_every, step, done) and done < config.num_steps:
         run_eval(done)
-      if config.checkpoint_every and done % config.checkpoint_every == 0 and done != config.num_steps:
-        with timer.phase("checkpoint"):
-          manager.save(done, {"params": params, "opt_state": opt_state,
-                              "step": jnp.asarray(done, jnp.int32)})
-    jax.block_until_ready(params)
+      if _crossed(config.checkpoint_every, step, done) and done < config.num_steps:
+        save(done)
+      step = done
+      if max_seconds > 0 and time.perf_counter() - t_start > max_seconds and step < config.num_steps:
+        log(f"max_seconds={max_seconds} reached at step {step}")
+        stopped_early = True
+        break
+    logger.flush()
+    jax.block_until_ready(state.params)
     if steady_t0 is not None:
       steady_time = time.perf_counter() - steady_t0 - (_excluded(timer) - excluded0)
-    done = config.num_steps
-    if start_step < done or not eval_history:
-      run_eval(done)
+    run_eval(step)
+    save(step, force=True)
     with timer.phase("checkpoint"):
-      manager.save(done, {"params": params, "opt_state": opt_state,
-                          "step": jnp.asarray(done, jnp.int32)}, force=True)
       manager.wait()
   finally:
-    bar.close()
-    writer.close()
+    logger.close()
     manager.close()
   timer.add("train", steady_time)
   return TrainResult(
-    params=params,
-    opt_state=opt_state,
-    step=config.num_steps,
+    params=state.params,
+    opt_state=state.opt_state,
+    step=step,
     resumed_from=resumed_from,
-    last_train_loss=last_loss,
+    last_train_loss=logger.last_loss,
     eval_history=eval_history,
     timings=timer.summary(),
     steps_per_s=steady_steps / steady_time if steady_time > 0 else float("nan"),
+    extra=state.extra,
+    stopped_early=stopped_early,
   )

@@ -32,11 +32,20 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Any
 
+import jax
 import numpy as np
 
+from qstar_jax.benchmarks.decode import (
+  bench_decode,
+  device_copy_bandwidth,
+  gemm_floor_step_s,
+  host_copy_bandwidth,
+)
+from qstar_jax.models import registry
+from qstar_jax.models.loading import PRESET_PREFIX, load_model
+from qstar_jax.models.params import param_bytes
 from qstar_jax.training.config import parse_config
 from qstar_jax.training.results import markdown_table, write_results
 
@@ -96,78 +105,10 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def host_copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-  """Bytes read + written per second of a large numpy copy (best of `repeats`)."""
-  src = np.ones(nbytes // 4, np.float32)
-  dst = np.empty_like(src)
-  np.copyto(dst, src)
-  best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-  return 2 * src.nbytes / best
-
-
-def device_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
-  """Bytes read + written per second of a large device-to-device jnp copy (best of repeats)."""
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  copy = jax.jit(lambda a: a * 2.0)  # one read + one write per element, not elided
-  jax.block_until_ready(copy(x))
-  best = min(_timed(lambda: jax.block_until_ready(copy(x))) for _ in range(repeats))
-  return 2 * x.nbytes / best
-
-
-def gemm_floor_step_s(config, batch: int, repeats: int = 5) -> dict[str, float]:
-  """Time of the matmuls alone of one batch-`batch` decode step, fp32, on this backend.
-
-  One jitted chain of exactly the step's weight matmuls — per layer `[B, D] @ [D, q+k+v]`,
-  `[B, Hq hd] @ [Hq hd, D]`, `[B, D] @ [D, 2F]`, `[B, F] @ [F, D]`, then the LM head
-  `[B, D] @ [D, V]` — with distinct random weights of the model's shapes (so, like a real step,
-  every weight byte is streamed from memory once), and nothing else: no attention over the
-  cache, no norms, no sampling. Any decoder that computes these products with this backend's
-  GEMMs needs at least this long per step, so `batch / seconds` bounds its tokens/s. Best of
-  `repeats`.
-  """
-  import jax
-  import jax.numpy as jnp
-
-  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-  hd = config.head_dim or d // config.num_heads
-  qkv, attn = (config.num_heads + 2 * config.num_kv_heads) * hd, config.num_heads * hd
-  key = jax.random.key(0)
-  shapes = [(d, qkv), (attn, d), (d, 2 * f), (f, d)] * config.num_layers + [(d, v)]
-  weights = [jax.random.normal(k, s, jnp.float32) * 0.02
-             for k, s in zip(jax.random.split(key, len(shapes)), shapes, strict=True)]
-
-  @jax.jit
-  def step(x, ws):
-    h = x
-    for i in range(config.num_layers):
-      w_qkv, w_o, w_gu, w_d = ws[4 * i:4 * i + 4]
-      a = (h @ w_qkv)[:, :attn]              # chained, so no product can be skipped
-      h = h + a @ w_o
-      g = h @ w_gu
-      h = h + g[:, :f] @ w_d
-    return h @ ws[-1]
-
-  x = jnp.ones((batch, d), jnp.float32)
-  jax.block_until_ready(step(x, weights))
-  best = min(_timed(lambda: jax.block_until_ready(step(x, weights))) for _ in range(repeats))
-  flops = 2 * batch * sum(a * b for a, b in shapes)
-  return {"seconds": best, "gflop": flops / 1e9, "gflop_per_s": flops / best / 1e9,
-          "tokens_per_s_bound": batch / best}
-
-
-def _timed(fn) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
-
-
 def _torch_source(spec: str) -> tuple[str, str | None]:
   """(directory, gguf file name or None) of a model spec, for transformers."""
-  if spec.startswith("preset:"):
+  if spec.startswith(PRESET_PREFIX):
     raise ValueError(f"model={spec}: the transformers baseline needs a real checkpoint")
-  from qstar_jax.models import registry
   if spec in registry.registered_names():
     path = registry.model_file(spec)
   else:
@@ -200,16 +141,11 @@ def run_torch_baseline(cfg: BenchConfig, prompts: dict[int, np.ndarray],
 
 
 def _load(spec: str, dtype: str):
-  from qstar_jax.cli import load_model
   model, _ = load_model(spec, dtype=dtype)
   return model
 
 
 def bench_cpu(cfg: BenchConfig) -> dict[str, Any]:
-  import jax
-
-  from qstar_jax.cli import bench_decode, param_bytes
-
   rng = np.random.default_rng(0)
   model = _load(cfg.model, "float32")
   vocab = model.config.vocab_size
@@ -292,10 +228,6 @@ def bench_cpu(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def bench_gpu(cfg: BenchConfig) -> dict[str, Any]:
-  import jax
-
-  from qstar_jax.cli import bench_decode
-
   bandwidth = device_copy_bandwidth()
   rows, runs = [], []
   for run in cfg.gpu_runs:

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from qstar_jax import cli
-from qstar_jax.models import apply, get_config, init_llama
+from qstar_jax.benchmarks import gemm_floor_step_s
+from qstar_jax.models import ByteTokenizer, apply, get_config, init_llama
 
 
 def test_generate_json_matches_brute_force_greedy(capsys):
@@ -29,7 +30,7 @@ def test_generate_json_matches_brute_force_greedy(capsys):
     logits = forward(params, jnp.asarray(buf))
     seq.append(int(np.argmax(np.asarray(logits[0, len(seq) - 1]))))
   assert seq[3:] == out["token_ids"]
-  assert out["text"] == cli.ByteTokenizer().decode(out["token_ids"])
+  assert out["text"] == ByteTokenizer().decode(out["token_ids"])
 
 
 @pytest.mark.parametrize("prompt,message", [
@@ -64,8 +65,6 @@ def test_bad_arguments_exit_cleanly(capsys):
 def test_gemm_floor_counts_every_weight_matmul_once():
   """The GEMM floor of bench_decode does 2 * B FLOPs per matmul weight: exactly the model's
   parameters minus the RMSNorm gains and, when the LM head is untied, the embedding table."""
-  from experiments.bench_decode import gemm_floor_step_s
-
   config = get_config("tiny")
   model = init_llama(config, seed=0)
   n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

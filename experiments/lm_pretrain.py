@@ -29,11 +29,21 @@ import sys
 import time
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
+from qstar_jax.data.pipeline import iterate_batches, pack_tokens, read_tiny_shakespeare_splits
+from qstar_jax.models import Llama, LlamaConfig
+from qstar_jax.models.params import count_params
+from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from qstar_jax.training.config import config_to_dict, parse_config
-from qstar_jax.training.optim import OptimizerConfig
-from qstar_jax.training.train_loop import TrainLoopConfig
+from qstar_jax.training.lm import lm_loss_fn
+from qstar_jax.training.metrics import read_metrics
+from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+from qstar_jax.training.progress import PhaseTimer
+from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent / "presets" / "lm_pretrain"
 
@@ -83,8 +93,6 @@ class LMPretrainConfig:
 
 
 def load_splits(cfg: DataConfig) -> tuple[str, str]:
-  from qstar_jax.data.pipeline import read_tiny_shakespeare_splits
-
   train, val = read_tiny_shakespeare_splits(backend=cfg.backend, val_fraction=cfg.val_fraction)
   if cfg.max_train_chars is not None:
     train = train[: cfg.max_train_chars]
@@ -95,8 +103,6 @@ def load_splits(cfg: DataConfig) -> tuple[str, str]:
 
 def get_tokenizer(out: pathlib.Path, train_text: str, cfg: LMPretrainConfig):
   """Trains the SentencePiece model once per run folder (reused when resuming)."""
-  from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
   path = out / "tokenizer.model"
   if path.is_file():
     tok = SentencePieceTokenizer(path)
@@ -129,10 +135,6 @@ def unigram_baselines(train_ids: np.ndarray, val_targets: np.ndarray, vocab_size
 
 
 def make_model(cfg: LMPretrainConfig, max_len: int):
-  from flax import nnx
-
-  from qstar_jax.models import Llama, LlamaConfig
-
   m = cfg.model
   llama_cfg = LlamaConfig(
     vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
@@ -143,27 +145,7 @@ def make_model(cfg: LMPretrainConfig, max_len: int):
   return Llama(llama_cfg, rngs=nnx.Rngs(cfg.seed))
 
 
-def lm_loss_fn(graphdef):
-  """Mean next-token cross-entropy (nats) of windows ``[B, T + 1]``:
-  ``L = -(1/(B T)) sum_{b,t} log softmax(f(w[b, :T]))[t, w[b, t + 1]]`` (float32)."""
-  import jax.numpy as jnp
-  import optax
-
-  from qstar_jax.models.llama import apply
-
-  def loss(params, batch, rng_key=None):
-    del rng_key
-    logits, _ = apply(graphdef, params, batch[:, :-1])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:])
-    return ce.mean(), {}
-
-  return loss
-
-
 def plot_curves(out: pathlib.Path, unigram: float) -> pathlib.Path | None:
-  from qstar_jax.training.metrics import read_metrics
-  from qstar_jax.training.results import new_figure, save_plot
-
   recs = read_metrics(out)
   train = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
   val = [(r["step"], r["eval/loss"]) for r in recs if "eval/loss" in r]
@@ -184,15 +166,6 @@ def plot_curves(out: pathlib.Path, unigram: float) -> pathlib.Path | None:
 
 
 def run(cfg: LMPretrainConfig) -> dict[str, Any]:
-  import jax
-  from flax import nnx
-
-  from qstar_jax.data.pipeline import iterate_batches, pack_tokens
-  from qstar_jax.training.optim import lr_schedule, make_optimizer
-  from qstar_jax.training.progress import PhaseTimer
-  from qstar_jax.training.results import markdown_table, write_results
-  from qstar_jax.training.train_loop import train
-
   t_start = time.perf_counter()
   timer = PhaseTimer()
   out = pathlib.Path(cfg.out)
@@ -217,7 +190,7 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
 
   model = make_model(cfg, cfg.data.seq_len + 1)
   graphdef, params = nnx.split(model)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  n_params = count_params(params)
   num_steps = cfg.loop.num_steps
   optimizer = make_optimizer(cfg.optim, total_steps=num_steps)
   loss = lm_loss_fn(graphdef)

@@ -26,188 +26,44 @@ matmuls are emulated and slow on CPUs), on accelerators bfloat16.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import sys
 import time
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from qstar_jax.models.llama import Llama
+from qstar_jax.models.params import count_params, quantized_param_count
+from qstar_jax.training.config import config_to_dict, parse_config
+from qstar_jax.training.lm import (
+  RUN_KINDS,
+  QuestScalingConfig,
+  lm_loss_fn,
+  optimizer_config,
+  prepare_data,
+  quest_model_config,
+)
+from qstar_jax.training.optim import lr_schedule, make_optimizer
+from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "quest_scaling"
 
-# name -> (method, w_bits, a_bits)
-RUN_KINDS: dict[str, tuple[str, int | None, int | None]] = {
-  "bf16": ("bf16", None, None),
-  "quest8": ("quest", 8, 8),
-  "quest4": ("quest", 4, 4),
-  "quest3": ("quest", 3, 3),
-  "quest2": ("quest", 2, 2),
-  "quest1": ("quest", 1, 1),
-  "ste4": ("ste", 4, 4),
-  "ste2": ("ste", 2, 2),
-  "ste1": ("ste", 1, 1),
-}
 
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-  steps: int = 300              # optimizer steps per run
-  batch_size: int = 16          # sequences per step
-  seq_len: int = 128
-  lr: float = 3e-3
-  warmup_frac: float = 0.1
-  weight_decay: float = 0.1
-  grad_clip_norm: float = 1.0
-  seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class QuestScalingConfig:
-  out: str = "runs/quest_scaling"
-  # Model sizes: [hidden, intermediate, layers, heads] (head_dim = hidden / heads).
-  sizes: tuple[tuple[int, int, int, int], ...] = ((128, 384, 2, 2), (128, 512, 4, 2),
-                                                 (256, 768, 4, 4))
-  # Steps per size (same length as sizes; empty: train.steps for all).
-  steps_per_size: tuple[int, ...] = ()
-  runs: tuple[str, ...] = tuple(RUN_KINDS)
-  vocab_size: int = 1024
-  dtype: str = "float32"        # compute dtype of the model ("bfloat16" on accelerators)
-  hadamard_block: int = 128
-  val_sequences: int = 128      # validation windows of seq_len tokens (fixed, evenly spaced)
-  eval_batch_size: int = 32
-  data_backend: str = "files"   # "files" | "tfds" | "auto"
-  collect_only: bool = False    # only gather finished runs' results (train nothing)
-  train: TrainSettings = TrainSettings()
-
-
-# ------------------------------------------------------------------------------------ data
-
-
-def corpus_texts(backend: str = "files") -> tuple[str, str]:
-  """(train text, validation text): tiny Shakespeare 90/10 split + GSM8K train / test."""
-  from qstar_jax.data.pipeline import read_gsm8k_split, read_tiny_shakespeare_splits
-
-  sh_train, sh_val = read_tiny_shakespeare_splits(backend=backend)
-
-  def gsm_text(split):
-    rows = read_gsm8k_split(split, backend=backend)
-    return "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in rows)
-
-  return sh_train + "\n\n" + gsm_text("train"), sh_val + "\n\n" + gsm_text("test")
-
-
-def prepare_data(cfg: QuestScalingConfig, out: pathlib.Path):
-  """Trains (or reuses) the SentencePiece tokenizer; returns (train windows, val windows)."""
-  from qstar_jax.data.pipeline import pack_tokens
-  from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
-  train_text, val_text = corpus_texts(cfg.data_backend)
-  prefix = out / "tokenizer" / f"spm{cfg.vocab_size}"
-  model_file = prefix.with_suffix(".model")
-  if model_file.is_file():
-    tok = SentencePieceTokenizer(model_file)
-  else:
-    tok = train_sentencepiece(train_text, vocab_size=cfg.vocab_size, model_prefix=prefix)
-  cache = out / "tokenizer" / f"tokens{cfg.vocab_size}.npz"
-  if cache.is_file():
-    data = np.load(cache)
-    train_ids, val_ids = data["train"], data["val"]
-  else:
-    train_ids = np.asarray(tok.encode(train_text), np.int32)
-    val_ids = np.asarray(tok.encode(val_text), np.int32)
-    np.savez(cache, train=train_ids, val=val_ids)
-  t = cfg.train.seq_len
-  train_windows = pack_tokens(train_ids, t)
-  val_all = pack_tokens(val_ids, t)
-  pick = np.linspace(0, len(val_all) - 1, min(cfg.val_sequences, len(val_all))).astype(int)
-  return tok, train_windows, val_all[pick]
-
-
-# ----------------------------------------------------------------------------------- model
-
-
-def model_config(cfg: QuestScalingConfig, size: tuple[int, int, int, int], run: str):
-  from qstar_jax.models.config import LlamaConfig
-  from qstar_jax.quant import QuantConfig
-
-  hidden, inter, layers, heads = size
-  method, w_bits, a_bits = RUN_KINDS[run]
-  quant = None
-  if method != "bf16":
-    quant = QuantConfig(w_bits=w_bits, a_bits=a_bits, method=method,
-                        hadamard_block=cfg.hadamard_block)
-  return LlamaConfig(
-    vocab_size=cfg.vocab_size, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-    num_heads=heads, num_kv_heads=heads, max_position_embeddings=max(256, cfg.train.seq_len),
-    tie_word_embeddings=True, dtype=cfg.dtype, quant=quant,
-  )
-
-
-def token_nll(graphdef):
-  """fn(params, windows [B, T + 1]) -> [B, T] next-token losses `-log softmax(logits)[target]`
-  (float32)."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  def nll(params, batch):
-    logits = nnx.merge(graphdef, params)(batch[:, :-1]).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.take_along_axis(logp, batch[:, 1:, None], axis=-1)[..., 0]
-
-  return nll
-
-
-def lm_loss_fn(graphdef):
-  """Mean next-token cross entropy `-1/(B T) sum log softmax(logits)[target]` (float32)."""
-  nll = token_nll(graphdef)
-
-  def loss_fn(params, batch, rng_key=None):
-    del rng_key
-    return nll(params, batch).mean(), {}
-
-  return loss_fn
-
-
-def optimizer_config(ts: TrainSettings, steps: int):
-  """AdamW settings of one run of `steps` steps (warmup a fraction of them)."""
-  from qstar_jax.training.optim import OptimizerConfig
-
-  return OptimizerConfig(lr=ts.lr, warmup_steps=max(1, int(ts.warmup_frac * steps)),
-                         weight_decay=ts.weight_decay, grad_clip_norm=ts.grad_clip_norm)
-
-
-def count_params(params) -> int:
-  import jax
-
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def quantized_param_count(model_cfg) -> int:
-  """Parameters of the quantized block projections (the rest stays 16-bit)."""
-  d, f, layers = model_cfg.hidden_size, model_cfg.intermediate_size, model_cfg.num_layers
-  hd = model_cfg.head_dim or d // model_cfg.num_heads
-  attn = d * model_cfg.num_heads * hd * 2 + d * model_cfg.num_kv_heads * hd * 2
-  return layers * (attn + 3 * d * f)
+# ------------------------------------------------------------------------------------ runs
 
 
 def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows, val_windows,
               run_dir: pathlib.Path) -> dict[str, Any]:
   """Trains one (size, precision) model; returns its results.json row (+ "size_bits")."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from qstar_jax.models.llama import Llama
-  from qstar_jax.training.config import config_to_dict
-  from qstar_jax.training.optim import lr_schedule, make_optimizer
-  from qstar_jax.training.train_loop import TrainLoopConfig, train
-
   done_file = run_dir / "result.json"
   if done_file.is_file():
     return json.loads(done_file.read_text())
-  mcfg = model_config(cfg, size, run)
+  mcfg = quest_model_config(cfg, size, run)
   ts = cfg.train
   # Same initialisation for every precision of a size: rngs from the seed only.
   model = Llama(mcfg, rngs=nnx.Rngs(ts.seed))
@@ -265,60 +121,6 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
   return row
 
 
-def window_losses(run_dir: str | pathlib.Path, *, batch_size: int = 32) -> np.ndarray:
-  """Next-token loss of a finished run's final checkpoint on every validation window.
-
-  The table's `val_loss` averages `val_sequences` evenly spaced windows; this evaluates all of
-  them (the whole validation text), one mean loss per window, float64 [num windows]. Used by
-  `experiments.quest_seeds --full-val` to pair two runs window by window, which separates the
-  evaluation's sampling error from the training seed's spread.
-  """
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from qstar_jax.data.pipeline import pack_tokens
-  from qstar_jax.models.llama import Llama
-  from qstar_jax.training.checkpoint import CheckpointManager, abstract_like
-  from qstar_jax.training.config import config_from_dict
-  from qstar_jax.training.optim import make_optimizer
-
-  run_dir = pathlib.Path(run_dir)
-  config_file = run_dir / "checkpoints" / "config.json"
-  if not (run_dir / "result.json").is_file() or not config_file.is_file():
-    raise FileNotFoundError(f"{run_dir} holds no finished quest_scaling run (result.json and "
-                            "checkpoints/config.json expected)")
-  run_config = json.loads(config_file.read_text())
-  cfg = config_from_dict(QuestScalingConfig, run_config["experiment"])
-  size, run, steps = tuple(run_config["size"]), run_config["run"], int(run_config["steps"])
-  out = run_dir.parent.parent
-  cache = out / "tokenizer" / f"tokens{cfg.vocab_size}.npz"
-  if not cache.is_file():
-    prepare_data(cfg, out)  # retrains the (deterministic) tokenizer and writes the cache
-  windows = pack_tokens(np.load(cache)["val"], cfg.train.seq_len)
-
-  ts = cfg.train
-  graphdef, params = nnx.split(Llama(model_config(cfg, size, run), rngs=nnx.Rngs(ts.seed)))
-  optimizer = make_optimizer(optimizer_config(ts, steps), total_steps=steps)
-  target = {"params": params, "opt_state": optimizer.init(params),
-            "step": jnp.zeros((), jnp.int32)}
-  manager = CheckpointManager(run_dir / "checkpoints", config=run_config)
-  try:
-    last = manager.latest_step()
-    if last != steps:
-      raise ValueError(f"{run_dir}: latest checkpoint is step {last}, expected the final {steps}")
-    params = manager.restore(last, target=abstract_like(target))["params"]
-  finally:
-    manager.close()
-
-  nll = token_nll(graphdef)
-  per_window = jax.jit(lambda p, batch: nll(p, batch).mean(axis=-1))
-
-  parts = [np.asarray(per_window(params, jnp.asarray(windows[i:i + batch_size])))
-           for i in range(0, len(windows), batch_size)]
-  return np.concatenate(parts).astype(np.float64)
-
-
 # --------------------------------------------------------------------------------- outputs
 
 
@@ -329,8 +131,6 @@ def _label(row) -> str:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-  from qstar_jax.training.results import markdown_table
-
   sizes = sorted({r["params"] for r in rows})
   labels = []
   for r in rows:
@@ -408,8 +208,6 @@ def ordering_checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ordering_table(rows: list[dict[str, Any]]) -> str:
   """`ordering_checks` as markdown: one row per claim, one column per size."""
-  from qstar_jax.training.results import markdown_table
-
   checks = ordering_checks(rows)
   sizes = sorted({c["params"] for c in checks})
   claims = list(dict.fromkeys(c["claim"] for c in checks))
@@ -423,8 +221,6 @@ def ordering_table(rows: list[dict[str, Any]]) -> str:
 
 
 def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
-  from qstar_jax.training.results import new_figure, save_plot
-
   fig, ax = new_figure(figsize=(6, 4))
   labels = []
   for r in rows:
@@ -448,9 +244,6 @@ def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
 
 def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
-  from qstar_jax.training.config import config_to_dict
-  from qstar_jax.training.results import write_results
-
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   unknown = [r for r in cfg.runs if r not in RUN_KINDS]
@@ -497,8 +290,6 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-  from qstar_jax.training.config import parse_config
-
   cfg = parse_config(QuestScalingConfig, sys.argv[1:] if argv is None else argv,
                      presets_dir=PRESETS)
   return run_experiment(cfg)

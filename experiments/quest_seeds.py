@@ -30,7 +30,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from experiments.quest_scaling import RUN_KINDS
+from qstar_jax.training.lm import RUN_KINDS, window_losses
+from qstar_jax.training.results import markdown_table
 
 
 def finished_runs(out_dir: str | pathlib.Path
@@ -57,8 +58,8 @@ def load_runs(dirs: list[str], *, windows: dict | None = None
   """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`.
 
   With a dict `windows`, also re-evaluates each run on every validation window
-  (`quest_scaling.window_losses`), fills `windows[(params, run)][seed]` with the per-window
-  losses and uses their mean as the run's loss.
+  (`qstar_jax.training.lm.window_losses`), fills `windows[(params, run)][seed]` with the
+  per-window losses and uses their mean as the run's loss.
   """
   table: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)
   for d in dirs:
@@ -73,8 +74,6 @@ def load_runs(dirs: list[str], *, windows: dict | None = None
       if windows is None:
         table[(row["params"], run)][seed] = float(row["val_loss"])
       else:
-        from experiments.quest_scaling import window_losses
-
         losses = window_losses(run_dir)
         windows.setdefault((row["params"], run), {})[seed] = losses
         table[(row["params"], run)][seed] = float(losses.mean())
@@ -91,8 +90,6 @@ def _mean_sd(xs: list[float], digits: int = 2) -> str:
 
 def seed_table(table: dict[tuple[int, str], dict[int, float]], windows: dict | None = None
                ) -> str:
-  from qstar_jax.training.results import markdown_table
-
   rows = []
   for params in sorted({p for p, _ in table}):
     base = table.get((params, "bf16"), {})
@@ -143,8 +140,6 @@ def _trajectory_pairs(runs: dict[str, pathlib.Path]) -> list[tuple[str, str]]:
 
 def trajectory_table(dirs: list[str], segments: int = 8) -> str:
   """Paired training-loss gaps per seed, averaged over `segments` equal parts of training."""
-  from qstar_jax.training.results import markdown_table
-
   if segments < 1:
     raise ValueError(f"segments={segments}: expected >= 1")
   rows = []

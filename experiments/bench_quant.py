@@ -20,14 +20,27 @@ import sys
 import time
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from qstar_jax.kernels import (
+  int4_matmul,
+  int4_matmul_reference,
+  int8_matmul,
+  int8_matmul_reference,
+  pack_int4,
+)
+
+from qstar_jax.models.config import LlamaConfig
+from qstar_jax.models.llama import Llama
+from qstar_jax.quant import QuantConfig, hadamard
 
 
 def _median_times(fns: dict[str, Callable[[], object]], *, repeats: int,
                   min_seconds: float = 0.0) -> dict[str, float]:
   """Median seconds per call of each fn, calls interleaved (fn1, fn2, fn1, ...)."""
-  import jax
-
   for fn in fns.values():  # compile + warm up
     jax.block_until_ready(fn())
     jax.block_until_ready(fn())
@@ -50,14 +63,6 @@ def bench_qat_step(*, hidden: int = 256, intermediate: int = 768, layers: int = 
                    heads: int = 4, batch: int = 8, seq_len: int = 128, vocab: int = 1024,
                    bits: int = 4, repeats: int = 10) -> dict[str, float]:
   """Seconds per AdamW training step of a Llama LM, full precision vs QuEST W{bits}A{bits}."""
-  import jax
-  import optax
-  from flax import nnx
-
-  from qstar_jax.models.config import LlamaConfig
-  from qstar_jax.models.llama import Llama
-  from qstar_jax.quant import QuantConfig
-
   tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, vocab)
 
   def make_step(quant):
@@ -94,10 +99,6 @@ def bench_qat_step(*, hidden: int = 256, intermediate: int = 768, layers: int = 
 
 def bench_hadamard(*, rows: int = 4096, dim: int = 512, block: int = 128,
                    repeats: int = 20) -> dict[str, float]:
-  import jax
-
-  from qstar_jax.quant import hadamard
-
   x = jax.random.normal(jax.random.key(0), (rows, dim))
   jitted = {m: jax.jit(lambda v, m=m: hadamard(v, block, method=m))
             for m in ("matmul", "butterfly")}
@@ -149,9 +150,6 @@ def bench_w8a8(*, size: int = 4096, repeats: int = 50, configs=None) -> dict:
   Also times XLA's own int8 x int8 -> int32 dot with the same epilogue ("xla_int8_s"), a
   reference point for what the hardware's int8 path gives without our kernel.
   """
-  import jax
-  import jax.numpy as jnp
-  from qstar_jax.kernels import int8_matmul, int8_matmul_reference
 
   k1, k2, k3, k4, k5 = jax.random.split(jax.random.key(0), 5)
   x = jax.random.randint(k1, (size, size), -128, 128, jnp.int32).astype(jnp.int8)
@@ -204,9 +202,6 @@ def bench_w4a16(*, m_values=(1, 16), n: int = 4096, k: int = 4096, copies: int =
   so the weights stream from HBM rather than the L2 cache and dispatch costs amortise. XLA's
   fused dequantize + dot of the same packed weights is timed too ("xla_dequant_s").
   """
-  import jax
-  import jax.numpy as jnp
-  from qstar_jax.kernels import int4_matmul, int4_matmul_reference, pack_int4
 
   keys = jax.random.split(jax.random.key(1), 2 * copies + 2)
   packed = [pack_int4(jax.random.randint(keys[i], (k, n), -8, 8, jnp.int32).astype(jnp.int8))
@@ -270,8 +265,6 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--small", action="store_true", help="tiny shapes (script self-test)")
   parser.add_argument("--out", default=None, help="also write the summary JSON here")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  import jax
-
   t0 = time.perf_counter()
   summary: dict = {"backend": jax.default_backend(),
                    "device": str(jax.devices()[0]), "jax": jax.__version__}

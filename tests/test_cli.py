@@ -1,6 +1,7 @@
 """CLI: generate --json and bench decode on a random `preset:tiny` model; input errors."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,6 @@ def test_generate_json_matches_brute_force_greedy(capsys):
     ("x" * 300, "prompt of 300 tokens .*longer than the model context of 256"),
 ])
 def test_generate_prompt_errors(capsys, prompt, message):
-  import re
   assert cli.main(["generate", "--model", "preset:tiny", "--prompt", prompt]) == 2
   err = capsys.readouterr().err
   assert re.search(message, err), err

@@ -114,3 +114,90 @@ def test_resume_after_crash_is_identical(tmp_path, reference_run):
   # the same folder with another config is refused
   with pytest.raises(CheckpointConfigMismatchError, match="n: checkpoint has 24, current config has 30"):
     run(tmp_path, num_steps=30)
+
+
+def test_on_step_sees_every_step_and_its_state_is_used(tmp_path):
+  seen = []
+
+  def reset_at_6(step, state, metrics):
+    seen.append((step, int(state.step), sorted(metrics)))
+    if step == 6:  # the loop must continue from the returned params
+      return state.replace(params=jax.tree.map(jnp.zeros_like, state.params))
+    return None
+
+  cfg = TrainLoopConfig(num_steps=10, eval_every=0, checkpoint_every=0, log_every=4, seed=0)
+  result = train(loss_fn, init_params(), optimizer=make_optimizer(OPT), train_batches=batches,
+                 config=cfg, out_dir=tmp_path, run_config={"hook": 1}, on_step=reset_at_6)
+  assert [s for s, _, _ in seen] == list(range(1, 11))
+  assert all(s == state_step for s, state_step, _ in seen)
+  assert seen[0][2] == ["abs_err", "grad_norm", "loss"]
+  tx = make_optimizer(OPT)
+  params, it = init_params(), batches(0)
+  opt_state = tx.init(params)
+  for step in range(1, 11):
+    b = next(it)
+    grads = jax.grad(lambda p, b=b: loss_fn(p, b, None)[0])(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if step == 6:
+      params = jax.tree.map(jnp.zeros_like, params)
+  for k in params:
+    np.testing.assert_allclose(result.params[k], params[k], rtol=1e-6, atol=1e-7)
+
+
+def test_chunked_steps_match_single_steps(tmp_path, reference_run):
+  seen = []
+  cfg = TrainLoopConfig(num_steps=24, eval_every=8, checkpoint_every=5, log_every=4, seed=0)
+  result = train(loss_fn, init_params(), optimizer=make_optimizer(OPT), train_batches=batches,
+                 config=cfg, out_dir=tmp_path, run_config={"chunk": 4}, eval_batches=eval_batches,
+                 lr_fn=lr_schedule(OPT), steps_per_call=4,
+                 on_step=lambda step, state, metrics: seen.append(step))
+  assert seen == [4, 8, 12, 16, 20, 24]
+  assert [s for s, _ in result.eval_history] == [8, 16, 24]
+  for k in result.params:
+    np.testing.assert_allclose(result.params[k], reference_run.params[k], rtol=1e-6, atol=1e-7)
+  recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs if "train/loss" in r] == [4, 8, 12, 16, 20, 24]
+  # a checkpoint at the first call past each multiple of checkpoint_every, and at the end
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [20, 24]  # max_to_keep=2 of 8, 12, 16, 20, 24
+
+
+def _anchored_loss(params, batch, rng_key, extra):
+  """The regression loss plus a pull toward a target copy of ``w`` held in ``extra``."""
+  loss, aux = loss_fn(params, batch, rng_key)
+  return loss + 0.5 * jnp.sum((params["w"] - extra["w_target"]) ** 2), aux
+
+
+def _refresh_every_6(step, state, metrics):
+  metrics["refreshed"] = float(step % 6 == 0)
+  if step % 6:
+    return None
+  return state.replace(extra={"w_target": state.params["w"], "count": state.extra["count"] + 1})
+
+
+def _run_anchored(out, *, num_steps, max_seconds=0.0):
+  cfg = TrainLoopConfig(num_steps=num_steps, eval_every=0, checkpoint_every=6, log_every=3, seed=0)
+  extra = {"w_target": jnp.zeros((3, 1)), "count": jnp.zeros((), jnp.int32)}
+  return train(_anchored_loss, init_params(), optimizer=make_optimizer(OPT), train_batches=batches,
+               config=cfg, out_dir=out, run_config={"anchored": 1}, extra=extra,
+               on_step=_refresh_every_6, steps_per_call=3, max_seconds=max_seconds,
+               log=lambda *_: None)
+
+
+def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path):
+  full = _run_anchored(tmp_path / "full", num_steps=12)
+  assert full.step == 12 and int(full.extra["count"]) == 2 and not full.stopped_early
+  # Stopped after the first call of 3 steps (its checkpoint is saved), then the same command.
+  part = _run_anchored(tmp_path / "part", num_steps=12, max_seconds=1e-9)
+  assert part.stopped_early and part.step == 3
+  resumed = _run_anchored(tmp_path / "part", num_steps=12)
+  assert resumed.resumed_from == 3 and resumed.step == 12
+  for k in full.params:  # bitwise: the same computations from the same restored state
+    np.testing.assert_array_equal(resumed.params[k], full.params[k])
+  np.testing.assert_array_equal(resumed.extra["w_target"], full.extra["w_target"])
+  assert int(resumed.extra["count"]) == 2
+  recs = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["train/refreshed"]) for r in recs] == [(3, 0.0), (6, 1.0), (9, 0.0), (12, 1.0)]
+  # num_steps that is not a multiple of steps_per_call: the last call runs past it
+  assert _run_anchored(tmp_path / "odd", num_steps=7).step == 9

@@ -9,6 +9,9 @@ Installed as ``qstar_jax.kernels`` (the folder sits at the repository top level)
 - ``hadamard_quantize``: fused block-Hadamard rotation + QuEST quantization of activations.
 - ``quantized_matmul``: picks the kernels or the XLA path by backend and shape.
 
+Every kernel and reference uses QuEST's grid from ``qstar_jax.quant.quest_grid`` and its one
+integer-code convention (signed codes c, value (c + 1/2) D).
+
 Interpret mode is automatic on the CPU; on GPUs the kernels compile with Triton, on TPU with
 Mosaic.
 """
@@ -18,6 +21,7 @@ from qstar_jax.kernels.dispatch import (
   dequantize_weight,
   quantize_weight,
   quantized_matmul,
+  weight_codes,
 )
 from qstar_jax.kernels.hadamard_quantize import hadamard_quantize, hadamard_quantize_reference
 from qstar_jax.kernels.int4_matmul import (
@@ -41,4 +45,5 @@ __all__ = [
   "quantize_weight",
   "quantized_matmul",
   "unpack_int4",
+  "weight_codes",
 ]

@@ -29,22 +29,32 @@ from qstar_jax.kernels.hadamard_quantize import (
   hadamard_quantize_reference,
 )
 from qstar_jax.kernels.int4_matmul import (
-  dequantize_int4,
   int4_matmul,
   int4_matmul_reference,
   pack_int4,
+  unpack_int4,
 )
 from qstar_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 
-__all__ = ["QuantizedWeight", "quantize_weight", "quantized_matmul", "dequantize_weight"]
+from qstar_jax.quant.grid import grid_values
+from qstar_jax.quant.hadamard import effective_block, hadamard
+
+__all__ = [
+  "QuantizedWeight",
+  "quantize_weight",
+  "quantized_matmul",
+  "dequantize_weight",
+  "weight_codes",
+]
 
 
 @struct.dataclass
 class QuantizedWeight:
   """A QuEST weight in integer form (rows of W H quantized per output column of the kernel).
 
-  codes: int8 [K, N] signed codes c (value (c + 1/2) step) — or, with `packed`, int8
-    [K/2, N] int4 nibbles (split-halves layout of `pack_int4`); float32 [K, N] rotated
+  codes: int8 [K, N] signed grid codes c of `qstar_jax.quant.quest_grid` (value
+    (c + 1/2) step) — or, with `packed`, int8 [K/2, N] the same codes as int4 nibbles
+    (split-halves layout of `pack_int4`; `weight_codes` unpacks them); float32 [K, N] rotated
     weights `(W H)^T` when w_bits is None.
   step: float32 [N] grid step D_w per output column (ones when w_bits is None).
   """
@@ -75,13 +85,9 @@ def quantize_weight(
   integer model reproduces the fake-quantized one. `pack` (default: w_bits == 4 and
   activations unquantized) stores 4-bit codes two per byte for the W4A16 kernel.
   """
-  from qstar_jax.quant.hadamard import effective_block
-
   k, n = kernel.shape
   block = effective_block(k, block)
   if w_bits is None:
-    from qstar_jax.quant.hadamard import hadamard
-
     rotated = hadamard(kernel.T.astype(jnp.float32), block, method="matmul").T
     return QuantizedWeight(rotated, jnp.ones((n,), jnp.float32), None, a_bits, block, False)
   codes, step = hadamard_quantize_reference(kernel.T, w_bits, block=block)  # [N, K], [N]
@@ -94,13 +100,18 @@ def quantize_weight(
   return QuantizedWeight(codes.T, step, w_bits, a_bits, block, False)
 
 
+def weight_codes(qw: QuantizedWeight) -> jax.Array:
+  """int8 [K, N] grid codes c of a quantized weight, unpacked from int4 nibbles if packed."""
+  if qw.w_bits is None:
+    raise ValueError("weight_codes: the weight is not quantized (w_bits is None)")
+  return unpack_int4(qw.codes) if qw.packed else qw.codes
+
+
 def dequantize_weight(qw: QuantizedWeight) -> jax.Array:
   """float32 [K, N] rotated weights `(q_w(W H))^T`."""
   if qw.w_bits is None:
     return qw.codes
-  if qw.packed:
-    return dequantize_int4(qw.codes, qw.step[None, :], half_offset=True)
-  return (qw.codes.astype(jnp.float32) + 0.5) * qw.step[None, :]
+  return grid_values(weight_codes(qw), qw.step[None, :])
 
 
 def _kernel_shapes_ok(k: int, block: int) -> bool:
@@ -118,8 +129,6 @@ def quantized_matmul(
     use_kernel: True forces the Pallas kernels (interpret mode on CPU), False the XLA path,
       None picks: kernels on GPU when K and the Hadamard block tile, else XLA.
   """
-  from qstar_jax.quant.hadamard import hadamard
-
   k = x.shape[-1]
   if k != qw.in_features:
     raise ValueError(

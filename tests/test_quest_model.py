@@ -11,8 +11,8 @@ import qstar_jax.quant as quant
 from qstar_jax.models.config import get_config
 from qstar_jax.models.decoding import decode
 from qstar_jax.models.llama import Llama
+from qstar_jax.models.quantized import QuantizedDense, convert_to_integer
 from qstar_jax.quant import QuantConfig
-from qstar_jax.quant.convert import QuantizedDense, convert_to_integer
 
 # Full multi-head attention in the integer-vs-fake comparisons: with grouped KV heads, the
 # o_proj input at position 0 repeats each KV head's value, so half of its Hadamard coordinates

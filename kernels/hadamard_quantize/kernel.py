@@ -3,7 +3,8 @@
 Grid (M / block_m,). A program owns [block_m, K] rows and makes two passes over the K/b
 Hadamard blocks: the first accumulates sum(x_h^2) per row (sigma needs the whole row), the
 second recomputes `x_h = x_blk @ H_b` (a [block_m, b] x [b, b] dot, cheaper than keeping the
-row) and writes the codes. Nothing of size K is held in registers.
+row) and writes its codes on the row's `qstar_jax.quant.QuestGrid` (the reference's grid,
+built from the accumulated sigma). Nothing of size K is held in registers.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from qstar_jax.kernels._common import compiler_params
 
+from qstar_jax.quant.grid import QuestGrid
+
 __all__ = ["hadamard_quantize_pallas"]
 
 
-def _kernel(x_ref, h_ref, codes_ref, step_ref, *, block, bits, alpha):
+def _kernel(x_ref, h_ref, codes_ref, step_ref, *, block, bits):
   block_m, k = x_ref.shape
   num_blocks = k // block
   h = h_ref[...]
@@ -34,18 +37,15 @@ def _kernel(x_ref, h_ref, codes_ref, step_ref, *, block, bits, alpha):
     return acc + jnp.sum(xh * xh, axis=1)
 
   ss = jax.lax.fori_loop(0, num_blocks, sum_squares, jnp.zeros((block_m,), jnp.float32))
-  sigma = jnp.maximum(jnp.sqrt(ss / k), 1e-12)
-  s = (alpha * sigma)[:, None]
-  step = 2.0 * s / (2**bits - 1)
+  grid = QuestGrid.from_sigma(jnp.sqrt(ss / k)[:, None], bits)
 
   def write_codes(i, carry):
     start, xh = rotated(i)
-    r = jnp.floor(jnp.minimum(jnp.maximum(xh, -s), s) / step + 1.0)
-    codes_ref[:, pl.ds(start, block)] = (r - 1.0).astype(jnp.int8)
+    codes_ref[:, pl.ds(start, block)] = grid.codes(xh).astype(jnp.int8)
     return carry
 
   jax.lax.fori_loop(0, num_blocks, write_codes, 0)
-  step_ref[...] = step[:, 0]
+  step_ref[...] = grid.step[:, 0]
 
 
 @functools.partial(
@@ -61,11 +61,9 @@ def hadamard_quantize_pallas(
   num_stages: int = 2,
 ) -> tuple[jax.Array, jax.Array]:
   """The raw pallas_call: x [M, K] with M a multiple of block_m, h [b, b] (K multiple of b)."""
-  from qstar_jax.quant.grid import gaussian_mse_scale
-
   m, k = x.shape
   block = h.shape[0]
-  kernel = functools.partial(_kernel, block=block, bits=bits, alpha=gaussian_mse_scale(bits))
+  kernel = functools.partial(_kernel, block=block, bits=bits)
   return pl.pallas_call(
     kernel,
     out_shape=(

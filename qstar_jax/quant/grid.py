@@ -1,22 +1,39 @@
-"""QuEST's zero-free symmetric grid and its MSE-optimal scale for Gaussian inputs.
+"""QuEST's zero-free symmetric grid (the one implementation) and its Gaussian-MSE scale.
 
-With `s = alpha * sigma` and step `D = 2 s / (2^b - 1)`, the quantizer is
+With `sigma = sqrt(mean(x_h^2))` per row, `s = alpha_b sigma` and step `D = 2 s / (2^b - 1)`,
+the quantizer is
 
-  q(x) = round(clip(x, -s, s) / D + 1/2) * D - D/2,
+  q(x_h) = round(clip(x_h, -s, s) / D + 1/2) * D - D/2     (ties rounded up),
 
 a nearest-level quantizer onto the 2^b levels `+-D/2, +-3D/2, ..., +-s` (no zero level; `s` is
-the outermost level, not a clip edge). Its integer code is `c = round(clip(x,-s,s)/D + 1/2) +
-2^(b-1) - 1` in `{0, ..., 2^b - 1}`, with value `q = (c - (2^b - 1)/2) * D`.
+the outermost level, not a clip edge). `quest_grid` / `QuestGrid` compute it; every
+quantizer, kernel reference, kernel epilogue and weight converter of the project calls them.
+
+The integer code (one convention everywhere): the signed integer
+`c = round(clip(x_h, -s, s) / D + 1/2) - 1` in `[-2^(b-1), 2^(b-1) - 1]`, with value
+`q = (c + 1/2) D`; `2c + 1` is the level's odd integer `q / (D/2)`. int8 stores c as it is
+(every b <= 8), int4 nibbles store it in two's complement (`qstar_jax.kernels.pack_int4`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["gaussian_mse_scale", "gaussian_quantization_mse", "check_bits", "QUEST_ALPHAS"]
+__all__ = [
+  "QuestGrid",
+  "quest_grid",
+  "grid_values",
+  "gaussian_mse_scale",
+  "gaussian_quantization_mse",
+  "check_bits",
+  "QUEST_ALPHAS",
+]
 
 # The constants in QuEST's code (for comparison in tests; this module derives its own).
 QUEST_ALPHAS = (0.7979, 1.4935, 2.0511, 2.5139, 2.9161, 3.2766, 3.6010, 3.8849)
@@ -106,3 +123,62 @@ def gaussian_mse_scale(bits: int) -> float:
       d = lo + ratio * (hi - lo)
       fd = f(d)
   return float(0.5 * (lo + hi))
+
+
+# Floor of the RMS scale: an all-zero row quantizes to +-D/2 with a tiny D instead of 0/0.
+_MIN_SIGMA = 1e-12
+
+
+class QuestGrid(NamedTuple):
+  """QuEST's b-bit grid of each row: its RMS scale, outermost level and step.
+
+  Built by `quest_grid(x_h, bits)` (sigma from the rows) or `QuestGrid.from_sigma` (a
+  precomputed sigma, e.g. the Pallas kernel's, accumulated over Hadamard blocks); `codes`
+  quantizes values onto it, `values` maps codes back.
+  """
+
+  sigma: jax.Array  # [..., 1] float32 RMS scale of the row, at least 1e-12
+  scale: jax.Array  # [..., 1] float32 outermost level s = alpha_b sigma
+  step: jax.Array  # [..., 1] float32 grid step D = 2 s / (2^b - 1)
+
+  @classmethod
+  def from_sigma(cls, sigma: jax.Array, bits: int) -> QuestGrid:
+    """The grid of rows with RMS scale `sigma` [..., 1] (clamped at 1e-12), used as given."""
+    check_bits(bits)
+    sigma = jnp.maximum(sigma, _MIN_SIGMA)
+    scale = gaussian_mse_scale(bits) * sigma
+    return cls(sigma, scale, 2.0 * scale / (2**bits - 1))
+
+  def codes(self, x_h: jax.Array) -> jax.Array:
+    """float32 [..., K] signed integer codes `c = floor(clip(x_h, -s, s) / D + 1) - 1`.
+
+    That is `round(clip / D + 1/2) - 1` with ties rounded up (x_h an exact multiple of D,
+    e.g. 0, goes to the level above; the Pallas kernels run this same expression, and Triton
+    has no round-to-nearest-even). `c` lies in `[-2^(b-1), 2^(b-1) - 1]`; its value is
+    `(c + 1/2) D` and `2c + 1` is the level's odd integer `q / (D/2)`.
+    """
+    x_h = x_h.astype(jnp.float32)
+    return jnp.floor(jnp.clip(x_h, -self.scale, self.scale) / self.step + 1.0) - 1.0
+
+  def values(self, codes: jax.Array) -> jax.Array:
+    """float32 [..., K] quantized values `q = (c + 1/2) D` of codes on this grid."""
+    return grid_values(codes, self.step)
+
+
+def quest_grid(x_h: jax.Array, bits: int) -> QuestGrid:
+  """The b-bit grid of each row of rotated values x_h [..., K]: sigma = RMS of the row.
+
+  sigma carries no gradient (QuEST treats the scale as a constant). The grid math runs in
+  float32 whatever x_h's dtype. `quest_grid(x_h, b).codes(x_h)` are the row's codes.
+  """
+  x_h = x_h.astype(jnp.float32)
+  sigma = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True)))
+  return QuestGrid.from_sigma(sigma, bits)
+
+
+def grid_values(codes: jax.Array, step: jax.Array) -> jax.Array:
+  """float32 values `(c + 1/2) D` of integer codes c (any int or float dtype) on steps D.
+
+  `step` broadcasts against `codes`: [..., 1] per row, [N] per column of a [K, N] weight.
+  """
+  return (codes.astype(jnp.float32) + 0.5) * step

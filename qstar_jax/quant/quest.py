@@ -1,6 +1,6 @@
 """QuEST quantizers: Hadamard + RMS-scaled Gaussian grid, with trust / STE / clip-STE gradients.
 
-Forward (per row of the last axis, after the block Hadamard `x_h = x H`):
+Forward (per row of the last axis, after the block Hadamard `x_h = x H`; `quest_grid`):
 
   sigma = sqrt(mean(x_h^2))  (no gradient),   s = alpha_b sigma,   D = 2 s / (2^b - 1),
   q = round(clip(x_h, -s, s) / D + 1/2) D - D/2     (ties rounded up).
@@ -21,7 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qstar_jax.quant.grid import check_bits, gaussian_mse_scale
+from qstar_jax.quant.grid import check_bits, gaussian_mse_scale, quest_grid
 from qstar_jax.quant.hadamard import check_hadamard_block, hadamard
 
 __all__ = [
@@ -30,19 +30,7 @@ __all__ = [
   "clip_ste_quantize",
   "quantize_rotated",
   "grid_quantize",
-  "quantize_codes",
 ]
-
-_EPS = 1e-12
-
-
-def _round_index(x_h: jax.Array, s: jax.Array, step: jax.Array) -> jax.Array:
-  """`round(clip(x_h, -s, s) / D + 1/2)` with ties rounded up, as `floor(clip / D + 1)`.
-
-  Ties (x_h an exact multiple of D, e.g. x_h = 0) go up in every implementation here (the
-  Pallas kernels use the same floor expression, and Triton has no round-to-nearest-even).
-  """
-  return jnp.floor(jnp.clip(x_h, -s, s) / step + 1.0)
 
 
 def grid_quantize(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -50,44 +38,17 @@ def grid_quantize(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.
 
   Returns (q, sigma [..., 1], scale s [..., 1]), all float32 (x_h is cast to float32).
   """
-  check_bits(bits)
-  x_h = x_h.astype(jnp.float32)
-  sigma = jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True))
-  sigma = jax.lax.stop_gradient(jnp.maximum(sigma, _EPS))
-  s = gaussian_mse_scale(bits) * sigma
-  step = 2.0 * s / (2**bits - 1)
-  q = (_round_index(x_h, s, step) - 0.5) * step
-  return q, sigma, s
+  grid = quest_grid(x_h, bits)
+  return grid.values(grid.codes(x_h)), grid.sigma, grid.scale
 
 
-def quantize_codes(x_h: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
-  """Integer codes of the grid: q = (codes - (2^b - 1)/2) * step, codes in {0..2^b - 1}.
-
-  Returns (codes uint8 [..., K], step float32 [..., 1]).
-  """
-  check_bits(bits)
-  x_h = x_h.astype(jnp.float32)
-  sigma = jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True)), _EPS)
-  s = gaussian_mse_scale(bits) * sigma
-  step = 2.0 * s / (2**bits - 1)
-  r = _round_index(x_h, s, step)
-  codes = (r + (2 ** (bits - 1) - 1)).astype(jnp.uint8)
-  return codes, step
+def _odd(codes: jax.Array) -> jax.Array:
+  """The odd integers `m = 2c + 1 = q / (D/2)` of grid codes c (exact in float32 and bf16)."""
+  return 2.0 * codes + 1.0
 
 
 def _trust_radius(bits: int, trust_factor: float | None) -> float:
   return gaussian_mse_scale(bits) / (2**bits - 1) if trust_factor is None else float(trust_factor)
-
-
-def _odd_grid(x_h: jax.Array, bits: int):
-  """(m, half_step, sigma, s): q = m * half_step with m = 2r - 1 an odd integer (as float32)."""
-  x_h = x_h.astype(jnp.float32)
-  sigma = jnp.sqrt(jnp.mean(jnp.square(x_h), axis=-1, keepdims=True))
-  sigma = jax.lax.stop_gradient(jnp.maximum(sigma, _EPS))
-  s = gaussian_mse_scale(bits) * sigma
-  step = 2.0 * s / (2**bits - 1)
-  m = 2.0 * _round_index(x_h, s, step) - 1.0
-  return m, 0.5 * step, sigma, s
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
@@ -96,7 +57,7 @@ def quantize_rotated(
 ) -> tuple[jax.Array, jax.Array]:
   """Rotate and quantize in integer form: `q(x H) = m * h` per row of the last axis.
 
-  The single custom_vjp of QuEST. Returns (m [..., K], h [..., 1]), float32: m = 2r - 1 the
+  The single custom_vjp of QuEST. Returns (m [..., K], h [..., 1]), float32: m = 2c + 1 the
   odd integer of the level (|m| <= 2^b - 1, exact in float32 and bfloat16) and h = D/2 the
   half step (no gradient). A matmul of two such operands `(m_x @ m_w^T) h_x h_w^T` is then
   an exact integer product scaled in the epilogue, bit for bit what the integer kernels of
@@ -108,17 +69,18 @@ def quantize_rotated(
   QuEST's `((g H) * M) H^T`.
   """
   x_h = hadamard(x.astype(jnp.float32), block)
-  m, half_step, _, _ = _odd_grid(x_h, bits)
-  return m, half_step
+  grid = quest_grid(x_h, bits)
+  return _odd(grid.codes(x_h)), 0.5 * grid.step
 
 
 def _quantize_rotated_fwd(x, bits, block, method, trust_factor):
   x_h = hadamard(x.astype(jnp.float32), block)
-  m, half_step, sigma, s = _odd_grid(x_h, bits)
+  grid = quest_grid(x_h, bits)
+  m, half_step = _odd(grid.codes(x_h)), 0.5 * grid.step
   if method == "quest":
-    mask = jnp.abs(m * half_step - x_h) <= _trust_radius(bits, trust_factor) * sigma
+    mask = jnp.abs(m * half_step - x_h) <= _trust_radius(bits, trust_factor) * grid.sigma
   elif method == "clip_ste":
-    mask = jnp.abs(x_h) <= s
+    mask = jnp.abs(x_h) <= grid.scale
   elif method == "ste":
     mask = None
   else:
@@ -139,11 +101,16 @@ def _quantize_rotated_bwd(bits, block, method, trust_factor, res, cotangents):
 quantize_rotated.defvjp(_quantize_rotated_fwd, _quantize_rotated_bwd)
 
 
-def _check(x: jax.Array, bits: int, block: int) -> None:
+def _fake_quantize(
+  x: jax.Array, bits: int, block: int, method: str, trust_factor: float | None
+) -> jax.Array:
+  """Checks the arguments, then `q(x H) H^T` in x's dtype with the method's gradient."""
   check_bits(bits)
   check_hadamard_block(block)
   if x.shape[-1] % block:
     raise ValueError(f"last axis K={x.shape[-1]} is not a multiple of the Hadamard block {block}")
+  m, half_step = quantize_rotated(x, bits, block, method, trust_factor)
+  return hadamard(m * half_step, block).astype(x.dtype)
 
 
 def quest_quantize(
@@ -160,20 +127,14 @@ def quest_quantize(
   Returns:
     [..., K] in x's dtype: the de-rotated quantized values. Gradient `((g H) * M) H^T`.
   """
-  _check(x, bits, block)
-  m, half_step = quantize_rotated(x, bits, block, "quest", trust_factor)
-  return hadamard(m * half_step, block).astype(x.dtype)
+  return _fake_quantize(x, bits, block, "quest", trust_factor)
 
 
 def ste_quantize(x: jax.Array, bits: int, *, block: int = 128) -> jax.Array:
   """Same forward as `quest_quantize`, straight-through (identity) gradient: `dL/dx = g`."""
-  _check(x, bits, block)
-  m, half_step = quantize_rotated(x, bits, block, "ste", None)
-  return hadamard(m * half_step, block).astype(x.dtype)
+  return _fake_quantize(x, bits, block, "ste", None)
 
 
 def clip_ste_quantize(x: jax.Array, bits: int, *, block: int = 128) -> jax.Array:
   """Same forward as `quest_quantize`, gradient `((g H) * 1[|x_h| <= s]) H^T`."""
-  _check(x, bits, block)
-  m, half_step = quantize_rotated(x, bits, block, "clip_ste", None)
-  return hadamard(m * half_step, block).astype(x.dtype)
+  return _fake_quantize(x, bits, block, "clip_ste", None)

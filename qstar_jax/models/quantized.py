@@ -1,10 +1,17 @@
-"""Convert a QuEST-trained Llama to integer weights that run through `quantized_matmul`."""
+"""The QuEST-converted model: a QuEST-trained Llama with integer weights and integer matmuls.
+
+`convert_to_integer` swaps each quantized block projection (a fake-quantized `Dense`) for a
+`QuantizedDense` that holds the weight's grid codes and runs `quantized_matmul` (the Pallas
+kernels on GPU, their XLA references elsewhere): the same numbers as the fake-quantized model.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from qstar_jax.kernels.dispatch import QuantizedWeight, quantize_weight, quantized_matmul
 
 __all__ = ["QuantizedDense", "convert_to_integer"]
 
@@ -18,8 +25,6 @@ class QuantizedDense(nnx.Module):
 
   def __init__(self, kernel: jax.Array, bias: jax.Array | None, *, quant, dtype,
                use_kernel: bool | None = None, pack_int4: bool | None = None):
-    from qstar_jax.kernels.dispatch import quantize_weight
-
     qw = quantize_weight(jnp.asarray(kernel, jnp.float32), w_bits=quant.w_bits,
                          a_bits=quant.a_bits, block=quant.hadamard_block, pack=pack_int4)
     self.codes = nnx.Param(qw.codes)
@@ -30,8 +35,6 @@ class QuantizedDense(nnx.Module):
     self.use_kernel = use_kernel
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    from qstar_jax.kernels.dispatch import QuantizedWeight, quantized_matmul
-
     qw = QuantizedWeight(self.codes[...], self.step[...], self.w_bits, self.a_bits,
                          self.block, self.packed)
     y = quantized_matmul(x, qw, use_kernel=self.use_kernel).astype(self.dtype)

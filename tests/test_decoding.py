@@ -21,6 +21,7 @@ from qstar_jax.models.decoding import (
   decode_unchecked,
   delimiter_token_ids,
   filter_logits,
+  model_config_of,
   sample_steps,
 )
 from qstar_jax.models.errors import PromptError
@@ -359,3 +360,12 @@ def test_sampling_config_is_one_static_argument(split):
   with pytest.raises(TypeError, match="not both"):
     decode(graphdef, params, jax.random.key(0), tokens=prompts(1, 4, [4]), sampling=config,
            greedy=True)
+
+
+def test_model_config_of_reads_the_graph(model, split):
+  graphdef, params = split
+  assert model_config_of(graphdef, params) == model.config
+  other = get_config("tiny", num_layers=1, eos_token_ids=(5,))
+  assert model_config_of(*nnx.split(from_flat_params(other, {
+      name: np.zeros(shape, np.float32) for name, shape in flat_param_shapes(other).items()
+  }))) == other

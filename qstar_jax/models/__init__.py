@@ -12,6 +12,7 @@ from qstar_jax.models.decoding import (  # noqa: E402
   decode_unchecked,
   delimiter_token_ids,
   filter_logits,
+  model_config_of,
   sample_steps,
 )
 from qstar_jax.models.heads import (  # noqa: E402
@@ -41,6 +42,7 @@ __all__ += [
   "decode_unchecked",
   "delimiter_token_ids",
   "filter_logits",
+  "model_config_of",
   "sample_steps",
   "PolicyValue",
   "ValueHead",

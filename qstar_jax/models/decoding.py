@@ -57,6 +57,7 @@ __all__ = [
     "delimiter_token_ids",
     "filter_logits",
     "decode_trace_count",
+    "model_config_of",
 ]
 
 _TRACE_COUNT = 0
@@ -343,7 +344,7 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
   if lengths_np.max() > p:
     raise PromptError(f"lengths {lengths_np.tolist()} exceed the token buffer width {p}")
   if model_config is None:
-    model_config = nnx.merge(graphdef, params).config
+    model_config = model_config_of(graphdef, params)
   cached = 0 if cache is None else int(np.max(np.asarray(cache.lengths)))
   prompt_len = cached + int(lengths_np.max())
   context = model_config.max_position_embeddings
@@ -368,6 +369,18 @@ def decode(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *, tokens: Any,
   stop[:len(stop_token_ids)] = np.asarray(list(stop_token_ids), np.int32)
   return _decode_jit(params, rng, tokens, jnp.asarray(lengths_np), cache, jnp.asarray(stop),
                      sampling.traced(), graphdef=graphdef, cache_max_len=int(cache_max_len))
+
+
+def model_config_of(graphdef: nnx.GraphDef, params: Any) -> LlamaConfig:
+  """The `LlamaConfig` of a split `Llama`, read from the graph's static attributes (the root
+  module's `config` comes first); falls back to merging the model (tens of ms for a 135M model),
+  e.g. on a Flax version whose `GraphDef` keeps attributes elsewhere."""
+  for item in getattr(graphdef, "attributes", ()):
+    if isinstance(item, tuple) and len(item) == 2 and item[0] == "config":
+      value = getattr(item[1], "value", None)
+      if isinstance(value, LlamaConfig):
+        return value
+  return nnx.merge(graphdef, params).config
 
 
 def decode_unchecked(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *,

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from qstar_jax.models.config import LlamaConfig
-from qstar_jax.models.decoding import SamplingConfig, decode
+from qstar_jax.models.decoding import SamplingConfig, decode, model_config_of
 
 __all__ = ["StepRollout", "step_rollout"]
 
@@ -78,7 +78,7 @@ def step_rollout(graphdef: nnx.GraphDef, params: Any, rng: jax.Array, *,
   if max_steps < 1:
     raise ValueError(f"max_steps={max_steps}: expected >= 1")
   if model_config is None:
-    model_config = nnx.merge(graphdef, params).config
+    model_config = model_config_of(graphdef, params)
   num = len(prompts)
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   if num == 0 or lengths.min() < 1:

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from experiments.qstar_search import main
 from qstar_jax.envs import load_deepcubea, make_env
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -34,8 +35,6 @@ def _check_runs(results):
 
 def test_experiment_puzzle15_fast(tmp_path):
   """Default-suite check: one section, results format, replayed paths, table."""
-  from experiments.qstar_search import main
-
   out = tmp_path / "fast"
   res = main(["sections=[deepcubea_puzzle15]", "deepcubea_puzzle15_states=2",
               "deepcubea_search.max_iterations=3", "deepcubea_search.batch_pops=2",
@@ -51,8 +50,6 @@ def test_experiment_puzzle15_fast(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_puzzle15_and_cube_tiny(tmp_path):
-  from experiments.qstar_search import main
-
   out = tmp_path / "run"
   res = main(["sections=[ratio, deepcubea_puzzle15]", "ratio_num_states=2", "ratio_min_depth=3",
               "ratio_max_depth=4", "ratio_search.batch_pops=2", "ratio_search.max_iterations=20",

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from qstar_jax.envs import cube3, npuzzle
+from qstar_jax.envs.npuzzle import _perm_table
 from qstar_jax.search import astar_search, qstar_search
 from qstar_jax.search import open_list as ol
+from qstar_jax.search.puzzle.qstar import _sort_edges
 
 
 def _bfs_distances(env, radius):
@@ -37,7 +39,7 @@ def _bfs_8puzzle(env, start):
   goal = env.goal.tobytes()
   seen = {start.tobytes(): 0}
   q = deque([start])
-  perm = np.asarray(__import__("qstar_jax.envs.npuzzle", fromlist=["_perm_table"])._perm_table(3))
+  perm = np.asarray(_perm_table(3))
   while q:
     s = q.popleft()
     if s.tobytes() == goal:
@@ -201,13 +203,13 @@ def test_insert_duplicates_best_g_wins():
   s = np.asarray(env.next_states(jnp.asarray(env.goal)[None]))[0]  # 4 children (2 == goal)
   states = jnp.asarray(np.stack([s[1], s[3], s[1], s[3], s[1]]))
   g = jnp.array([5.0, 2.0, 3.0, 4.0, 9.0])
-  ins = jax.jit(ol.insert_nodes, static_argnums=1)
-  t, idx, improved = ins(t, env, states, g, jnp.arange(5), jnp.arange(5), jnp.ones(5, bool))
+  ins = jax.jit(lambda t, states, *rest: ol.insert_nodes(t, states, env.hash(states), *rest))
+  t, idx, improved = ins(t, states, g, jnp.arange(5), jnp.arange(5), jnp.ones(5, bool))
   assert int(t.num_nodes) == 2
   np.testing.assert_array_equal(improved, [False, True, True, False, False])
   assert sorted(np.asarray(t.node_g[:2]).tolist()) == [2.0, 3.0]
   # Again, later: a better g updates g, parent and action; a worse or equal one is ignored.
-  t, idx2, improved2 = ins(t, env, states[:2], jnp.array([1.0, 2.0]), jnp.array([7, 8]),
+  t, idx2, improved2 = ins(t, states[:2], jnp.array([1.0, 2.0]), jnp.array([7, 8]),
                            jnp.array([7, 8]), jnp.ones(2, bool))
   np.testing.assert_array_equal(improved2, [True, False])
   assert int(t.num_nodes) == 2 and int(idx2[0]) == int(idx[2])
@@ -216,9 +218,41 @@ def test_insert_duplicates_best_g_wins():
   big = ol.init_tables(9, node_capacity=8, open_capacity=8, table_capacity=16)
   kids, _ = env.scramble(jax.random.key(0), num_states=64, max_depth=30)
   uniq = np.unique(np.array(kids), axis=0)[:9]
-  big, idx3, imp3 = ins(big, env, jnp.asarray(uniq), jnp.ones(9), jnp.zeros(9, jnp.int32),
+  big, idx3, imp3 = ins(big, jnp.asarray(uniq), jnp.ones(9), jnp.zeros(9, jnp.int32),
                         jnp.zeros(9, jnp.int32), jnp.ones(9, bool))
   assert int(big.num_nodes) == 8 and int(big.overflow_nodes) == 1 and int(imp3.sum()) == 8
+
+
+def test_insert_takes_any_state_dtype_and_compares_full_states():
+  """The tables need no environment: int32 keys with caller-made hashes. States whose hashes
+  collide, inserted in separate batches, stay distinct (the probe compares the full state)."""
+  t = ol.init_tables(3, node_capacity=4, open_capacity=4, table_capacity=8,
+                     state_dtype=jnp.int32)
+  ins = jax.jit(ol.insert_nodes)
+  same_hash = jnp.array([[5, 7]], jnp.uint32)
+  one = jnp.ones(1, bool)
+  for i, key in enumerate([[1, 2, 70000], [1, 2, 70001], [1, 2, 70000]]):
+    t, idx, improved = ins(t, jnp.array([key], jnp.int32), same_hash, jnp.array([float(i)]),
+                           jnp.array([-1]), jnp.array([i]), one)
+  assert t.node_states.dtype == jnp.int32 and int(t.num_nodes) == 2
+  np.testing.assert_array_equal(t.node_states[:2], [[1, 2, 70000], [1, 2, 70001]])
+  # The third insert is the first state again with a worse g: a beaten duplicate (index -1),
+  # not stored, not improved, the stored g kept.
+  assert int(idx[0]) == -1 and not bool(improved[0]) and float(t.node_g[0]) == 0.0
+  # Both states sit in consecutive slots from hash_0 mod 8 = 5 (linear probing).
+  np.testing.assert_array_equal(t.table[5:7], [0, 1])
+
+
+def test_edges_per_node_cut_is_counted():
+  """Keeping one edge per node (of 4) drops the rest of every popped node's edges: each pop
+  counts one overflow_open; keeping all 4 counts none."""
+  start = ENV8.scramble(jax.random.key(1), num_states=1, max_depth=20, min_depth=20)[0]
+  kw = dict(env=ENV8, q_fn=manhattan_q, max_iterations=50, node_capacity=1024, max_path_len=40)
+  cut = qstar_search(None, start, edges_per_node=1, **kw)
+  full = qstar_search(None, start, edges_per_node=4, **kw)
+  assert int(cut.nodes_expanded[0]) > 0
+  assert int(cut.overflow_open[0]) == int(cut.nodes_expanded[0])
+  assert int(full.overflow_open[0]) == 0
 
 
 def test_open_list_pop_order_and_staleness():
@@ -267,13 +301,10 @@ def test_search_input_validation():
 
 
 def test_edges_per_node_top_k_matches_sort_prefix():
-  from qstar_jax.search.qstar import _sort_edges
-
   q = jax.random.normal(jax.random.key(0), (5, 40))
   valid = jax.random.uniform(jax.random.key(1), (5, 40)) > 0.2
-  full_q, full_a, cut_full = _sort_edges(q, valid, 40)
-  part_q, part_a, cut = _sort_edges(q, valid, 8)
+  full_q, full_a = _sort_edges(q, valid, 40)
+  part_q, part_a = _sort_edges(q, valid, 8)
   np.testing.assert_array_equal(part_q, full_q[:, :8])
   np.testing.assert_array_equal(part_a, full_a[:, :8])
-  assert not np.any(cut_full) and np.all(cut)
   assert np.all(np.isinf(full_q[~np.asarray(jnp.take_along_axis(valid, full_a, 1))]))

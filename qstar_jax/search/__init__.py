@@ -1,8 +1,11 @@
-"""qstar_jax.search: batched, jitted searches (A*, Q*)."""
+"""qstar_jax.search: batched, jitted searches.
 
-from qstar_jax.search.astar import astar_search
+- ``search.puzzle``: A* and Q* over puzzle environments (``astar_search``, ``qstar_search``).
+- ``search.open_list``: the static-capacity node store, closed set and open list (``SearchTables``)
+  they share, keyed by state hashes so that any best-first search can use it.
+"""
+
 from qstar_jax.search.open_list import SearchTables
-from qstar_jax.search.qstar import qstar_search
-from qstar_jax.search.result import SearchResult
+from qstar_jax.search.puzzle import HeuristicFn, QFn, SearchResult, astar_search, qstar_search
 
-__all__ = ["SearchResult", "SearchTables", "astar_search", "qstar_search"]
+__all__ = ["HeuristicFn", "QFn", "SearchResult", "SearchTables", "astar_search", "qstar_search"]

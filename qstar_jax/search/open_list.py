@@ -1,4 +1,9 @@
-"""Static-capacity search tables shared by A* and Q*: node store, closed set, open list.
+"""Static-capacity search tables: node store, closed set, open list.
+
+Used by the puzzle searches (A*, Q*) and usable by any best-first search over fixed-width
+states: the tables know nothing of an environment. A state is a row of ``D`` integers (a puzzle
+state, or any fixed-width key of an LM reasoning node) and the caller passes two 32-bit hashes of
+each state alongside it.
 
 All functions act on ONE problem (no batch axis); the searches ``vmap`` them over problems.
 
@@ -22,12 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from qstar_jax.envs.puzzle import PuzzleEnv
-
 
 @struct.dataclass
 class SearchTables:
-  node_states: jax.Array  # [C, D] uint8
+  node_states: jax.Array  # [C, D] state_dtype (uint8 for the puzzles)
   node_g: jax.Array  # [C] float32
   node_parent: jax.Array  # [C] int32
   node_action: jax.Array  # [C] int32
@@ -71,11 +74,12 @@ def default_table_capacity(node_capacity: int) -> int:
   return t
 
 
-def init_tables(state_dim: int, *, node_capacity: int, open_capacity: int,
-                table_capacity: int) -> SearchTables:
+def init_tables(state_dim: int, *, node_capacity: int, open_capacity: int, table_capacity: int,
+                state_dtype: jnp.dtype = jnp.uint8) -> SearchTables:
+  """Empty tables for states of ``state_dim`` integers of ``state_dtype``."""
   i32 = jnp.int32
   return SearchTables(
-      node_states=jnp.zeros((node_capacity, state_dim), jnp.uint8),
+      node_states=jnp.zeros((node_capacity, state_dim), state_dtype),
       node_g=jnp.full((node_capacity,), jnp.inf, jnp.float32),
       node_parent=jnp.full((node_capacity,), -1, i32),
       node_action=jnp.full((node_capacity,), -1, i32),
@@ -108,12 +112,14 @@ def _dedup_mask(hashes: jax.Array, g: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.zeros((k,), bool).at[order].set(first)
 
 
-def insert_nodes(tables: SearchTables, env: PuzzleEnv, states: jax.Array, g: jax.Array,
+def insert_nodes(tables: SearchTables, states: jax.Array, hashes: jax.Array, g: jax.Array,
                  parent: jax.Array, action: jax.Array,
                  valid: jax.Array) -> tuple[SearchTables, jax.Array, jax.Array]:
   """Adds K candidate nodes to the closed set; duplicates keep the best g.
 
-  Args: ``states [K, D]``, ``g [K]``, ``parent [K]``, ``action [K]``, ``valid [K]``.
+  Args: ``states [K, D]``, ``hashes [K, 2]`` uint32 (two independent hashes of each state:
+  ``hashes[:, 0]`` picks the first probed slot, the pair finds duplicates within the batch),
+  ``g [K]``, ``parent [K]``, ``action [K]``, ``valid [K]``.
   Returns ``(tables, node_index [K] (-1 if dropped or a beaten duplicate), improved [K])``;
   ``improved`` is true for a new state or a strictly better g for a known one — those nodes'
   children must be (re)generated.
@@ -121,7 +127,6 @@ def insert_nodes(tables: SearchTables, env: PuzzleEnv, states: jax.Array, g: jax
   k = states.shape[0]
   capacity = tables.node_states.shape[0]
   t = tables.table.shape[0]
-  hashes = env.hash(states)
   pending = _dedup_mask(hashes, g, valid)
   pos = (hashes[:, 0] & jnp.uint32(t - 1)).astype(jnp.int32)
   ids = jnp.arange(k, dtype=jnp.int32)

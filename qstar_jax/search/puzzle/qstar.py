@@ -5,10 +5,10 @@ The open list holds (node, action) edges with priority ``f = weight * g(s) + q(s
 transitions, goal-tests and closed-set-checks the N children, evaluates ``q(child, .)`` for all of
 them in ONE network call and pushes the children's edges. The edges are kept lazily (see
 ``EdgeStore``): each node's q-values are sorted once and the open list holds only each node's
-cheapest unpopped edge, which pops edges in the same order as a queue of all edges. Stop rule as in ``astar_search``: a goal
-found and the lowest priority on the open list >= ``weight * g_goal`` (with weight = 1 and a q
-that never overestimates ``c + h*``, the path is optimal), or an empty open list, a full node
-store, or ``max_iterations``.
+cheapest unpopped edge, which pops edges in the same order as a queue of all edges. The stop
+rule is A*'s (``loop.should_continue``): a goal found and the lowest priority on the open list
+>= ``weight * g_goal`` (with weight = 1 and a q that never overestimates ``c + h*``, the path is
+optimal), or an empty open list, a full node store, or ``max_iterations``.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from flax import struct
 
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.search import open_list as ol
-from qstar_jax.search.astar import finish, init_loop, record_goals, run_batched
-from qstar_jax.search.result import SearchResult
+from qstar_jax.search.puzzle import loop as search_loop
+from qstar_jax.search.puzzle.result import SearchResult
 
 QFn = Callable[[Any, jax.Array], jax.Array]  # (params, states [K, D]) -> q [K, A]
 
@@ -45,17 +45,20 @@ class EdgeStore:
 
 
 def _sort_edges(q: jax.Array, valid_actions: jax.Array,
-                edges_per_node: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                edges_per_node: int) -> tuple[jax.Array, jax.Array]:
   """The ``edges_per_node`` cheapest entries of each row of ``q [K, A]`` in ascending order
-  (invalid actions +inf), their actions, and whether finite edges were left out ``[K]``."""
+  (invalid actions +inf) ``[K, E]`` and their actions ``[K, E]``.
+
+  Edges left out when ``E < A`` are counted where they are lost, when a node's last kept edge
+  is popped (``overflow_open`` in ``step_one``), not here.
+  """
   q = jnp.where(valid_actions, q, jnp.inf).astype(jnp.float32)
   a = q.shape[-1]
   if edges_per_node >= a:
     order = jnp.argsort(q, axis=-1).astype(jnp.int32)
-    return jnp.take_along_axis(q, order, axis=-1), order, jnp.zeros(q.shape[:-1], bool)
+    return jnp.take_along_axis(q, order, axis=-1), order
   neg, order = jax.lax.top_k(-q, edges_per_node)  # partial selection: O(A) per row
-  cut = jnp.sum(jnp.isfinite(q), axis=-1) > edges_per_node
-  return -neg, order.astype(jnp.int32), cut
+  return -neg, order.astype(jnp.int32)
 
 
 def _write_edges(edges: EdgeStore, pending) -> EdgeStore:
@@ -75,14 +78,14 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
   costs = jnp.asarray(env.action_costs)
 
   def init_one(start):
-    loop = init_loop(env, start, node_capacity=node_capacity, open_capacity=open_capacity,
-                     table_capacity=table_capacity)
+    loop = search_loop.init_loop(env, start, node_capacity=node_capacity,
+                                 open_capacity=open_capacity, table_capacity=table_capacity)
     # One extra row receives the writes of masked entries (see _write_edges).
     edges = EdgeStore(q_sorted=jnp.full((node_capacity + 1, e), jnp.inf, jnp.float32),
                       action_sorted=jnp.zeros((node_capacity + 1, e), jnp.int32))
     root = jnp.zeros((1,), jnp.int32)
     q0 = q_fn(params, start[None])  # [1, A]
-    q0_sorted, order0, _ = _sort_edges(q0, env.valid_action_mask(start[None]), e)
+    q0_sorted, order0 = _sort_edges(q0, env.valid_action_mask(start[None]), e)
     edges = _write_edges(edges, (root, q0_sorted, order0))
     tables = ol.push(loop.tables, q0_sorted[:, 0], jnp.zeros((1,)), root, root,
                      jnp.isfinite(q0_sorted[:, 0]) & ~env.is_goal(start[None]))
@@ -112,13 +115,13 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
     parents = tables.node_states[node]  # [N, D]
     children = env.step(parents, action)  # only the popped edges' children
     child_g = g + costs[action]
-    tables, index, improved = ol.insert_nodes(tables, env, children, child_g, node, action,
-                                              valid)
+    tables, index, improved = search_loop.insert_states(tables, env, children, child_g, node,
+                                                        action, valid)
     goal = env.is_goal(children) & improved
-    loop = record_goals(loop, goal, child_g, index)
+    loop = search_loop.record_goals(loop, goal, child_g, index)
     q = q_fn(params, children)  # [N, A], one batched call
     push = improved & ~goal
-    q_sorted, order, _ = _sort_edges(q, env.valid_action_mask(children), e)
+    q_sorted, order = _sort_edges(q, env.valid_action_mask(children), e)
     best = q_sorted[:, 0]
     pending = (jnp.where(push, index, node_capacity), q_sorted, order)
     tables = ol.push(tables, weight * child_g + best, child_g, index, jnp.zeros_like(index),
@@ -131,8 +134,9 @@ def _qstar_batched(params, start_states, weight, max_iterations, *, env: PuzzleE
         network_calls=loop.network_calls + step)
     return loop, edges, pending
 
-  return run_batched(init_one, step_one, lambda c: finish(env, c[0], max_path_len),
-                     start_states, weight, max_iterations)
+  return search_loop.run_batched(init_one, step_one,
+                                 lambda c: search_loop.finish(env, c[0], max_path_len),
+                                 start_states, weight, max_iterations)
 
 
 _STATIC = ("env", "q_fn", "batch_pops", "node_capacity", "open_capacity", "table_capacity",
@@ -155,19 +159,15 @@ def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight
   sorted q-values of every stored node, ``node_capacity * A`` floats and ints (``EdgeStore``);
   the open list holds one entry per node (``open_capacity`` default ``2 * node_capacity``).
   ``edges_per_node`` (default: all A, exact): keep only each node's E cheapest edges, selected
-  with ``lax.top_k`` instead of a full sort (memory ``node_capacity * E``); popping a node's
-  last kept edge while it has more actions counts one ``overflow_open`` (its other edges are
-  dropped), so the result says when the cut mattered.
+  with ``lax.top_k`` instead of a full sort (memory ``node_capacity * E``); when E < A, popping
+  a node's last kept edge counts one ``overflow_open`` (its other A - E edges are dropped, valid
+  or not), so the result says when the cut may have mattered.
   """
-  states = env.validate_states(start_states)
   open_capacity = open_capacity or 2 * node_capacity
-  table_capacity = table_capacity or ol.default_table_capacity(node_capacity)
-  ol.check_capacities(node_capacity=node_capacity, open_capacity=open_capacity,
-                      table_capacity=table_capacity, batch_pops=batch_pops,
-                      pushes_per_iteration=2 * batch_pops)
-  if max_iterations < 0 or max_path_len <= 0:
-    raise ValueError(f"max_iterations must be >= 0 and max_path_len > 0, got {max_iterations}, "
-                     f"{max_path_len}")
+  states, table_capacity = search_loop.validate_search_args(
+      env, start_states, node_capacity=node_capacity, open_capacity=open_capacity,
+      table_capacity=table_capacity, batch_pops=batch_pops, pushes_per_iteration=2 * batch_pops,
+      max_iterations=max_iterations, max_path_len=max_path_len)
   if edges_per_node is not None and edges_per_node <= 0:
     raise ValueError(f"edges_per_node must be a positive integer, got {edges_per_node}")
   return _qstar_jit(params, jnp.asarray(states), jnp.float32(weight), jnp.int32(max_iterations),

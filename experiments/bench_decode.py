@@ -44,7 +44,7 @@ from qstar_jax.benchmarks.decode import (
   host_copy_bandwidth,
 )
 from qstar_jax.models import registry
-from qstar_jax.models.loading import PRESET_PREFIX, load_model
+from qstar_jax.models.loading import PRESET_PREFIX, load_model_spec
 from qstar_jax.models.params import param_bytes
 from qstar_jax.training.config import parse_config
 from qstar_jax.training.results import markdown_table, write_results
@@ -141,7 +141,7 @@ def run_torch_baseline(cfg: BenchConfig, prompts: dict[int, np.ndarray],
 
 
 def _load(spec: str, dtype: str):
-  model, _ = load_model(spec, dtype=dtype)
+  model, _ = load_model_spec(spec, dtype=dtype)
   return model
 
 

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
 from qstar_jax.kernels import (
   int4_matmul,
   int4_matmul_reference,
@@ -32,7 +33,6 @@ from qstar_jax.kernels import (
   int8_matmul_reference,
   pack_int4,
 )
-
 from qstar_jax.models.config import LlamaConfig
 from qstar_jax.models.llama import Llama
 from qstar_jax.quant import QuantConfig, hadamard

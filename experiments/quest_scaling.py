@@ -39,15 +39,15 @@ from flax import nnx
 from qstar_jax.models.llama import Llama
 from qstar_jax.models.params import count_params, quantized_param_count
 from qstar_jax.training.config import config_to_dict, parse_config
-from qstar_jax.training.lm import (
+from qstar_jax.training.lm import lm_loss_fn
+from qstar_jax.training.optim import lr_schedule, make_optimizer
+from qstar_jax.training.quest_runs import (
   RUN_KINDS,
   QuestScalingConfig,
-  lm_loss_fn,
   optimizer_config,
   prepare_data,
   quest_model_config,
 )
-from qstar_jax.training.optim import lr_schedule, make_optimizer
 from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 

@@ -30,7 +30,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from qstar_jax.training.lm import RUN_KINDS, window_losses
+from qstar_jax.training.quest_runs import RUN_KINDS, window_losses
 from qstar_jax.training.results import markdown_table
 
 
@@ -58,7 +58,7 @@ def load_runs(dirs: list[str], *, windows: dict | None = None
   """{(params, run name): {seed: val_loss}} over the finished runs of `dirs`.
 
   With a dict `windows`, also re-evaluates each run on every validation window
-  (`qstar_jax.training.lm.window_losses`), fills `windows[(params, run)][seed]` with the
+  (`qstar_jax.training.quest_runs.window_losses`), fills `windows[(params, run)][seed]` with the
   per-window losses and uses their mean as the run's loss.
   """
   table: dict[tuple[int, str], dict[int, float]] = defaultdict(dict)

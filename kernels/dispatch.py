@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+
 from qstar_jax.kernels.hadamard_quantize import (
   dequantize_codes,
   hadamard_quantize,
@@ -35,7 +36,6 @@ from qstar_jax.kernels.int4_matmul import (
   unpack_int4,
 )
 from qstar_jax.kernels.int8_matmul import int8_matmul, int8_matmul_reference
-
 from qstar_jax.quant.grid import grid_values
 from qstar_jax.quant.hadamard import effective_block, hadamard
 

@@ -4,7 +4,7 @@
                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
   qstar-jax bench decode --model SPEC --batch B --prompt-len P --new-tokens N [--json]
 
-SPEC is what `qstar_jax.models.load_model` accepts: a Hugging Face directory, a .gguf file,
+SPEC is what `qstar_jax.models.load_model_spec` accepts: a Hugging Face directory, a .gguf file,
 a registered name such as "smollm2", or `preset:NAME` for a randomly initialised model of a
 config preset (e.g. `preset:tiny`; its tokenizer maps bytes to ids 0..255).
 """
@@ -23,7 +23,7 @@ from flax import nnx
 from qstar_jax.benchmarks.decode import bench_decode
 from qstar_jax.models.decoding import SamplingConfig, decode
 from qstar_jax.models.errors import PromptError, QstarError
-from qstar_jax.models.loading import load_model
+from qstar_jax.models.loading import load_model_spec
 
 __all__ = ["main", "generate_text"]
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
       value = getattr(args, name, None)
       if value is not None and value < 1:
         raise ValueError(f"--{name.replace('_', '-')}={value}: expected >= 1")
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_model_spec(args.model, dtype=args.dtype)
     if args.command == "generate":
       out = generate_text(model, tokenizer, args.prompt, chat=args.chat,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,

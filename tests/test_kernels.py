@@ -4,6 +4,7 @@ lowering, and the quantized_matmul dispatcher."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from qstar_jax.kernels import (
   hadamard_quantize,
   hadamard_quantize_reference,
@@ -17,7 +18,6 @@ from qstar_jax.kernels import (
   unpack_int4,
 )
 from qstar_jax.kernels.hadamard_quantize import dequantize_codes
-
 from qstar_jax.quant import QuantConfig, fake_quant_dense
 
 

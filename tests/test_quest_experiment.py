@@ -9,7 +9,7 @@ import pytest
 qs = pytest.importorskip("experiments.quest_scaling")
 
 from qstar_jax.models.params import quantized_param_count  # noqa: E402
-from qstar_jax.training import lm as quest_lm  # noqa: E402
+from qstar_jax.training import quest_runs  # noqa: E402
 from qstar_jax.training.config import ConfigError, parse_config  # noqa: E402
 
 RUN_KEYS = {"params", "method", "w_bits", "a_bits", "val_loss", "finite", "steps", "tokens"}
@@ -48,7 +48,7 @@ def test_quantized_param_count_matches_model():
   from qstar_jax.models.llama import Llama
 
   cfg = parse_config(qs.QuestScalingConfig, ["preset=cpu"], presets_dir=qs.PRESETS)
-  mcfg = quest_lm.quest_model_config(cfg, tuple(cfg.sizes[0]), "quest4")
+  mcfg = quest_runs.quest_model_config(cfg, tuple(cfg.sizes[0]), "quest4")
   _, params = nnx.split(Llama(mcfg, rngs=nnx.Rngs(0)))
   flat = jax.tree_util.tree_leaves_with_path(params)
   proj = sum(x.size for path, x in flat if "proj" in jax.tree_util.keystr(path))
@@ -61,7 +61,7 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
   sh_train, sh_val = read_tiny_shakespeare_splits(backend="files")
   gsm = read_gsm8k_split("test", backend="files")[:20]
   text = "\n\n".join(f"Question: {r['question']}\nAnswer: {r['answer']}" for r in gsm)
-  monkeypatch.setattr(quest_lm, "corpus_texts", lambda backend: (sh_train[:40000] + text,
+  monkeypatch.setattr(quest_runs, "corpus_texts", lambda backend: (sh_train[:40000] + text,
                                                                  sh_val[:8000]))
   out = tmp_path / "qs"
   argv = [f"out={out}", "sizes=[[128,256,1,2]]", "runs=[bf16,quest2]", "vocab_size=400",
@@ -83,7 +83,7 @@ def test_end_to_end_tiny(tmp_path, monkeypatch):
   # window_losses re-evaluates a run's final checkpoint on every validation window; the
   # recorded val_loss is the mean over the val_sequences evenly spaced ones.
   for r, name in zip(runs, ["bf16", "quest2"], strict=True):
-    w = quest_lm.window_losses(out / "runs" / f"d128_f256_l1_{name}")
+    w = quest_runs.window_losses(out / "runs" / f"d128_f256_l1_{name}")
     assert w.ndim == 1 and len(w) > 4 and np.all(np.isfinite(w))
     pick = np.linspace(0, len(w) - 1, 4).astype(int)
     assert w[pick].mean() == pytest.approx(r["val_loss"], rel=1e-6)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from qstar_jax.kernels import (
   dequantize_weight,
   hadamard_quantize_reference,
@@ -20,7 +21,6 @@ from qstar_jax.kernels import (
   unpack_int4,
   weight_codes,
 )
-
 from qstar_jax.quant import (
   QuestGrid,
   gaussian_mse_scale,

@@ -14,8 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from qstar_jax.kernels._common import compiler_params
 
+from qstar_jax.kernels._common import compiler_params
 from qstar_jax.quant.grid import QuestGrid
 
 __all__ = ["hadamard_quantize_pallas"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from qstar_jax.kernels._common import check_block, check_dtype, pad_to, resolve_backend, round_up
 from qstar_jax.kernels.hadamard_quantize.kernel import hadamard_quantize_pallas
-
 from qstar_jax.quant.grid import check_bits
 from qstar_jax.quant.hadamard import check_hadamard_block, hadamard_matrix
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from qstar_jax.kernels._common import check_block, check_dtype, pad_to, resolve_backend, round_up
 from qstar_jax.kernels.int4_matmul.kernel import int4_matmul_pallas
 

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
 from qstar_jax.kernels._common import compiler_params
 
 __all__ = ["int8_matmul_pallas"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from qstar_jax.kernels._common import check_block, check_dtype, pad_to, resolve_backend, round_up
 from qstar_jax.kernels.int8_matmul.kernel import int8_matmul_pallas
 

@@ -1,4 +1,5 @@
-"""qstar_jax.envs: batched, pure-JAX puzzle environments (Rubik's cube, n-puzzle)."""
+"""qstar_jax.envs: batched, pure-JAX puzzle environments (Rubik's cube, n-puzzle, the DeepCubeA
+test sets) and reasoning tasks (the arithmetic generator; GSM8K answer grading and rewards)."""
 
 from qstar_jax.envs.arithmetic import (
   ArithmeticConfig,

@@ -3,7 +3,12 @@
 __all__: list[str] = []
 
 # The transformer, its config, KV-cache decoding and value heads.
-from qstar_jax.models.config import LlamaConfig, get_config, preset_names  # noqa: E402
+from qstar_jax.models.config import (  # noqa: E402
+  LlamaConfig,
+  flat_param_shapes,
+  get_config,
+  preset_names,
+)
 from qstar_jax.models.decoding import (  # noqa: E402
   DecodeResult,
   SamplingConfig,
@@ -27,7 +32,6 @@ from qstar_jax.models.llama import (  # noqa: E402
   apply,
   apply_hidden,
   apply_logits,
-  flat_param_shapes,
   from_flat_params,
   get_flat_params,
   init_llama,
@@ -66,7 +70,7 @@ __all__ += [
 # Weight loading, tokenizers and the loaders' errors.
 from qstar_jax.models import errors  # noqa: E402
 from qstar_jax.models.byte_tokenizer import ByteTokenizer  # noqa: E402
-from qstar_jax.models.loading import load_model, load_pretrained  # noqa: E402
+from qstar_jax.models.loading import load_model_spec, load_pretrained  # noqa: E402
 from qstar_jax.models.tokenizer import (  # noqa: E402
   GGUFTokenizer,
   HFTokenizer,
@@ -77,7 +81,7 @@ from qstar_jax.models.tokenizer import (  # noqa: E402
 
 __all__ += [
   "errors",
-  "load_model",
+  "load_model_spec",
   "load_pretrained",
   "ByteTokenizer",
   "GGUFTokenizer",
@@ -91,3 +95,10 @@ __all__ += [
 from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig, puzzle_net_apply_fn  # noqa: E402
 
 __all__ += ["PuzzleNet", "PuzzleNetConfig", "puzzle_net_apply_fn"]
+
+# Parameter counts and the QuEST model converted to integer weights.
+from qstar_jax.models.params import count_params, param_bytes, quantized_param_count  # noqa: E402
+from qstar_jax.models.quantized import QuantizedDense, convert_to_integer  # noqa: E402
+
+__all__ += ["count_params", "param_bytes", "quantized_param_count", "QuantizedDense",
+            "convert_to_integer"]

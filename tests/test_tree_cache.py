@@ -194,6 +194,8 @@ def test_tree_matches_flat_forward(split):
   assert not np.asarray(cache.overflow).any()
   depth = np.asarray(cache.node_depth)
   assert depth[depth4].tolist() == [4] * len(depth4)
+  step_length = np.asarray(cache.node_step_length)
+  assert step_length[depth4].tolist() == [5 + 1] * len(depth4)   # 5 tokens + the probe token
   path = np.asarray(cache.node_path)
   for n in depth4:
     chain = [n]

@@ -87,6 +87,11 @@ class TreeKVCache:
     return self.page_refcount == 0
 
   @property
+  def node_step_length(self) -> jax.Array:
+    """[N] int32, tokens of each node's own step (after its parent's tokens)."""
+    return self.node_length - self.node_start
+
+  @property
   def pages_in_use(self) -> jax.Array:
     """[] int32, pages held by at least one node."""
     return jnp.sum(self.page_refcount > 0).astype(jnp.int32)
@@ -440,39 +445,46 @@ def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: ja
   cache, page, slot, written = _reserve_slots(cache, flat_nodes, valid.reshape(-1))
   model = nnx.merge(graphdef, params)
   config = model.config
-  positions = cache.prompt.lengths[:, None] + cache.node_length[nodes]  # [B, W]
+  length = cache.node_length[nodes]                                     # [B, W]
+  positions = cache.prompt.lengths[:, None] + length
   cos, sin = rotary_tables(config, positions.reshape(b * w, 1))         # [BW, 1, 1, hd]
-  suffix_lengths = cache.node_length[nodes] + written.reshape(b, w)
+  written_bw = written.reshape(b, w)
   tables = cache.node_pages[nodes]                                      # [B, W, MP]
-  write_page = _drop_index(page, cache.num_pages)
+  # The new token's own key/value joins its row's gathered suffix at index `length`; the pool
+  # is written once after the last layer (one scatter for all layers, in place).
+  rows_b, rows_w = jnp.divmod(jnp.arange(b * w), w)
+  own = jnp.where(written, length.reshape(-1), cache.max_pages_per_node * cache.page_len)
   hq, hkv, hd = config.num_heads, config.num_kv_heads, config.resolved_head_dim
-  page_keys, page_values = [], []
+  new_keys, new_values = [], []
   x = model.embed(tokens)                                               # [B, W, D]
   for i, layer in enumerate(model.layers):
     attn = layer.attn
     h = layer.input_norm(x).reshape(b * w, 1, -1)
     q = apply_rotary(attn.q_proj(h).reshape(b * w, 1, hq, hd), cos, sin)
-    k = apply_rotary(attn.k_proj(h).reshape(b * w, 1, hkv, hd), cos, sin)
+    k = apply_rotary(attn.k_proj(h).reshape(b * w, 1, hkv, hd), cos, sin)[:, 0]
     v = attn.v_proj(h).reshape(b * w, hkv, hd)
-    keys_i = cache.page_keys[i].at[:, write_page, slot].set(
-        jnp.swapaxes(k[:, 0], 0, 1).astype(cache.page_keys.dtype), mode="drop")
-    values_i = cache.page_values[i].at[:, write_page, slot].set(
-        jnp.swapaxes(v, 0, 1).astype(cache.page_values.dtype), mode="drop")
-    page_keys.append(keys_i)
-    page_values.append(values_i)
-    out = cascade_attention(
-        q.reshape(b, w, hq, hd), cache.prompt.keys[i], cache.prompt.values[i],
-        cache.prompt.lengths, _gather_pages(keys_i, tables), _gather_pages(values_i, tables),
-        suffix_lengths)
+    k, v = k.astype(cache.page_keys.dtype), v.astype(cache.page_values.dtype)
+    new_keys.append(k)
+    new_values.append(v)
+    suffix_keys = _gather_pages(cache.page_keys[i], tables).at[rows_b, rows_w, own].set(
+        k, mode="drop")
+    suffix_values = _gather_pages(cache.page_values[i], tables).at[rows_b, rows_w, own].set(
+        v, mode="drop")
+    out = cascade_attention(q.reshape(b, w, hq, hd), cache.prompt.keys[i],
+                            cache.prompt.values[i], cache.prompt.lengths, suffix_keys,
+                            suffix_values, length + written_bw)
     x = x + attn.o_proj(out)
     x = x + layer.mlp(layer.post_attn_norm(x))
   hidden = model.final_norm(x)
-  written_bw = written.reshape(b, w)
-  count = jnp.sum(written_bw, axis=1).astype(jnp.int32)
+  write_page = _drop_index(page, cache.num_pages)
+  # [L, BW, Hkv, hd] -> [L, Hkv, BW, hd], the layout of pool[:, :, page, slot].
+  new_keys = jnp.swapaxes(jnp.stack(new_keys), 1, 2)
+  new_values = jnp.swapaxes(jnp.stack(new_values), 1, 2)
   cache = cache.replace(
-      page_keys=jnp.stack(page_keys), page_values=jnp.stack(page_values),
+      page_keys=cache.page_keys.at[:, :, write_page, slot].set(new_keys, mode="drop"),
+      page_values=cache.page_values.at[:, :, write_page, slot].set(new_values, mode="drop"),
       node_length=cache.node_length.at[_drop_index(jnp.where(written, flat_nodes, -1),
                                                    cache.max_nodes)].add(1, mode="drop"),
-      tokens_decoded=cache.tokens_decoded + count)
+      tokens_decoded=cache.tokens_decoded + jnp.sum(written_bw, axis=1).astype(jnp.int32))
   return _with_peak(cache), TreeStep(logits=model.logits(hidden), hidden=hidden,
                                      written=written_bw)

@@ -16,9 +16,9 @@ from qstar_jax.models.llama import attend
 from qstar_jax.models.tree_cache import (
   cascade_attention,
   copy_nodes,
-  fork,
+  fork_nodes,
   init_tree_cache,
-  release,
+  release_nodes,
   tree_step,
 )
 
@@ -64,8 +64,8 @@ class Tree:
     self.cache, out = init(params, tokens, np.array([len(p) for p in prompts], np.int32))
     self.root_logits = np.asarray(out.logits[:, 0])
     self.step = jax.jit(functools.partial(tree_step, graphdef))
-    self.fork = jax.jit(fork, static_argnames="num_children")
-    self.release = jax.jit(release)
+    self.fork = jax.jit(fork_nodes, static_argnames="num_children")
+    self.release = jax.jit(release_nodes)
     self.copy = jax.jit(copy_nodes)
     self.suffix = {b: [] for b in range(len(prompts))}      # node -> [(token, unique id)]
     self.problem = {b: b for b in range(len(prompts))}
@@ -233,12 +233,12 @@ def test_overflow_is_flagged(split):
   assert np.asarray(cache.overflow).tolist() == [True, True]
   assert int(cache.node_length[0]) == 4
 
-  fork_one = jax.jit(functools.partial(fork, num_children=1))
+  fork_one = jax.jit(functools.partial(fork_nodes, num_children=1))
   cache, _ = init(params, prompts, np.array([2, 2], np.int32))
   cache, children = fork_one(cache, np.array([1, 0], np.int32))
   assert np.asarray(children).tolist() == [[2], [-1]]   # one free node slot
   assert np.asarray(cache.overflow).tolist() == [True, False]
-  cache = jax.jit(release)(cache, np.array([0], np.int32))
+  cache = jax.jit(release_nodes)(cache, np.array([0], np.int32))
   cache, children = fork_one(cache, np.array([2], np.int32))
   assert np.asarray(children).tolist() == [[-1]]        # max_depth = 1
   cache, children = fork_one(cache, np.array([1], np.int32))

@@ -12,9 +12,9 @@ Sharing. `page_refcount[p]` counts the page-table entries pointing at page p; a 
 count 0 is free. Forking K children copies the parent's page-table row into theirs and adds 1
 to every page's count: no key/value is copied. A page is written only at its node's next
 slot, and only while its count is 1: appending to a node whose last, partial page is shared
-(after a fork or a `copy_nodes`) first copies that one page into a fresh one (copy-on-write),
+(after `fork_nodes` or `copy_nodes`) first copies that one page into a fresh one (copy-on-write),
 so full pages are shared forever and each node owns at most one partial page. Pruning or
-resampling (`release`, `copy_nodes`) moves page-table rows and counts, never key/value data.
+resampling (`release_nodes`, `copy_nodes`) moves page-table rows and counts, never key/value data.
 Pages and nodes are allocated for a whole batch at once with a masked
 `jnp.nonzero(free, size=M)`.
 
@@ -45,8 +45,8 @@ __all__ = [
   "TreeKVCache",
   "TreeStep",
   "init_tree_cache",
-  "fork",
-  "release",
+  "fork_nodes",
+  "release_nodes",
   "copy_nodes",
   "tree_step",
   "cascade_attention",
@@ -202,7 +202,7 @@ def init_tree_cache(graphdef: nnx.GraphDef, params: Any, prompt_tokens: jax.Arra
   return cache, step
 
 
-def fork(cache: TreeKVCache, parents: jax.Array, *, num_children: int,
+def fork_nodes(cache: TreeKVCache, parents: jax.Array, *, num_children: int,
          valid: jax.Array | None = None) -> tuple[TreeKVCache, jax.Array]:
   """K children of each parent, sharing all the parent's pages (refcount + 1, no data copy).
 
@@ -254,7 +254,7 @@ def fork(cache: TreeKVCache, parents: jax.Array, *, num_children: int,
   return _with_peak(cache), children.reshape(m, k)
 
 
-def release(cache: TreeKVCache, nodes: jax.Array,
+def release_nodes(cache: TreeKVCache, nodes: jax.Array,
             valid: jax.Array | None = None) -> TreeKVCache:
   """Free node slots: refcount - 1 on each of their pages (pages at 0 become free).
 

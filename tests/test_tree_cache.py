@@ -46,7 +46,9 @@ _forward = jax.jit(lambda g, p, t: apply(g, p, t)[0], static_argnums=0)
 def flat_last_logits(split, sequences):
   """Logits [R, V] at the last token of each sequence, from a plain causal forward."""
   graphdef, params = split
-  buf = np.array([list(seq) + [0] * (WIDTH - len(seq)) for seq in sequences], np.int32)
+  buf = np.zeros((2 * ROWS, WIDTH), np.int32)   # one shape for every call: one compile
+  for r, seq in enumerate(sequences):
+    buf[r, :len(seq)] = seq
   logits = np.asarray(_forward(graphdef, params, jnp.asarray(buf)))
   return logits[np.arange(len(sequences)), [len(seq) - 1 for seq in sequences]]
 
@@ -175,9 +177,13 @@ def test_tree_matches_flat_forward(split):
   p1 = [n for n in depth2 if tree.problem[n] == 1]
   tree.resample([p1[0]], [p1[3]])                  # a resampled particle: a page-table copy
   tree.check_pages()
-  depth3 = tree.make_children(depth2, 1)
+  depth3 = tree.make_children(depth2, 2)
+  tree.drop(depth3[1::2])                          # prune one child of each pair
+  depth3 = depth3[::2]
   tree.advance(depth3, 2)                          # new pages reuse the pruned branch's
-  depth4 = tree.make_children(depth3, 1)
+  depth4 = tree.make_children(depth3, 2)
+  tree.drop(depth4[1::2])
+  depth4 = depth4[::2]
   tree.advance(depth4, 5)
   in_use = tree.check_pages()
   unshared = sum(math.ceil(len(s) / PAGE_LEN) for s in tree.suffix.values())

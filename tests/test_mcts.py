@@ -73,9 +73,9 @@ def recurrent_fn(params, rng_key, action, embedding):
   return _step(params, embedding, action)
 
 
-def _params(values=None):
+def _params(values=None, logits=LOGITS):
   values = np.full(NUM_STATES, 0.5, np.float32) if values is None else values
-  return jnp.asarray(REWARDS), jnp.asarray(LOGITS), jnp.asarray(values)
+  return jnp.asarray(REWARDS), jnp.asarray(logits), jnp.asarray(values)
 
 
 ROOT = mctx.RootFnOutput(prior_logits=jnp.tile(jnp.asarray(LOGITS[:1]), (B, 1)),
@@ -174,6 +174,30 @@ def test_root_qvalues_approach_brute_force_optimum(policy):
   assert np.all(q[visits > 0] <= np.broadcast_to(OPTIMAL_Q, q.shape)[visits > 0] + 1e-6)
   np.testing.assert_array_equal(np.argmax(np.where(visits > 0, q, -1), axis=1), np.full(B, best))
   assert np.all(np.abs(q[:, best] - OPTIMAL_Q[best]) < 0.1)
+
+
+@pytest.mark.parametrize("policy", ["muzero", "gumbel_muzero"])
+def test_interior_actions_masked_by_prior_logits_are_never_taken(policy):
+  # Action 0 is invalid below the root: expand_fn gives it -1e9 prior logits.
+  logits = LOGITS.copy()
+  logits[1:, 0] = -1e9
+  result = _search(policy, params=_params(logits=logits))
+  children = np.asarray(result.tree.children_index)
+  assert np.all(children[:, 1:, 0] == mctx.Tree.UNVISITED)
+  assert (children[:, 1:, 1:] != mctx.Tree.UNVISITED).any()
+  _check_counters(result)
+
+
+def test_expand_fn_output_of_wrong_shape_is_named():
+  def bad_expand_fn(params, rng_key, model_state, parent_node_ids, actions, parent_embeddings,
+                    *, expand_mask):
+    output, child, model_state = expand_fn(params, rng_key, model_state, parent_node_ids,
+                                           actions, parent_embeddings, expand_mask=expand_mask)
+    return output.replace(value=output.value[:, None]), child, model_state
+
+  with pytest.raises(ValueError, match=r"expand_fn returned value of shape \(4, 1\)"):
+    mcts(_params(), jax.random.PRNGKey(0), root=ROOT, expand_fn=bad_expand_fn,
+         model_state=_model_state(), num_simulations=2, max_depth=DEPTH, policy="muzero")
 
 
 @pytest.mark.parametrize("change, match", [

@@ -102,3 +102,10 @@ from qstar_jax.models.quantized import QuantizedDense, convert_to_integer  # noq
 
 __all__ += ["count_params", "param_bytes", "quantized_param_count", "QuantizedDense",
             "convert_to_integer"]
+
+# The paged tree KV cache for search over reasoning steps (shared prompt, copy-on-write pages).
+from qstar_jax.models import tree_cache  # noqa: E402
+from qstar_jax.models.tree_cache import TreeKVCache, TreeStep, init_tree_cache, tree_step  # noqa: E402
+
+# fork_nodes, release_nodes, copy_nodes and cascade_attention: `models.tree_cache.<name>`.
+__all__ += ["tree_cache", "TreeKVCache", "TreeStep", "init_tree_cache", "tree_step"]

@@ -40,6 +40,7 @@ from qstar_jax.losses.dqn import (
   squared_td_error,
   value_iteration_targets,
 )
+from qstar_jax.models.params import count_params
 from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
 from qstar_jax.training.checkpoint import load_model, save_model
 from qstar_jax.training.config import config_to_dict
@@ -207,7 +208,7 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
   summary = {"domain": env.name, "head": cfg.head, "steps": result.step,
              "final_loss": result.last_train_loss,
              "target_updates": int(result.extra["target_updates"]), "seconds": time.time() - t0,
-             "num_params": int(sum(x.size for x in jax.tree.leaves(result.params)))}
+             "num_params": count_params(result.params)}
   (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
   log(json.dumps(summary))
   return summary

@@ -17,6 +17,7 @@ from qstar_jax.models.decoding import (  # noqa: E402
   decode_unchecked,
   delimiter_token_ids,
   filter_logits,
+  sample_tokens,
   model_config_of,
   sample_steps,
 )
@@ -46,6 +47,7 @@ __all__ += [
   "decode_unchecked",
   "delimiter_token_ids",
   "filter_logits",
+  "sample_tokens",
   "model_config_of",
   "sample_steps",
   "PolicyValue",

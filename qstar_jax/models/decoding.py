@@ -56,6 +56,7 @@ __all__ = [
     "sample_steps",
     "delimiter_token_ids",
     "filter_logits",
+    "sample_tokens",
     "decode_trace_count",
     "model_config_of",
 ]
@@ -192,8 +193,12 @@ def filter_logits(logits: jax.Array, *, temperature: float | jax.Array = 1.0,
   return z
 
 
-def _sample(logits, key, sampling: SamplingConfig):
-  """tokens [R], model log-probs [R], sampling log-probs [R] from logits [R, V]."""
+def sample_tokens(logits: jax.Array, key: jax.Array, sampling: SamplingConfig):
+  """tokens [R], model log-probs [R], sampling log-probs [R] from logits [R, V].
+
+  The one sampling rule of the library (decoding and the step searches): greedy argmax, or a
+  draw from `filter_logits` (temperature, top-k, top-p). Model log-probs are at temperature 1.
+  """
   logits = logits.astype(jnp.float32)
   base = jax.nn.log_softmax(logits, axis=-1)
   if sampling.greedy:
@@ -273,7 +278,7 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, sampling, *, gra
       keys=[cache.keys[i] for i in layers], values=[cache.values[i] for i in layers],
       cache_lengths=cache.lengths, last_token=jnp.zeros((r,), jnp.int32),
       last_hidden=last.astype(jnp.float32))
-  state = record(state, *_sample(logits, jax.random.fold_in(rng, 0), sampling))
+  state = record(state, *sample_tokens(logits, jax.random.fold_in(rng, 0), sampling))
 
   def cond(state: DecodeState):
     return (state.step < n) & ~jnp.all(state.done)
@@ -281,7 +286,8 @@ def _decode_impl(params, rng, tokens, lengths, cache, stop_ids, sampling, *, gra
   def body(state: DecodeState) -> DecodeState:
     step = state.step
     state, h = feed(state, ~state.done)
-    return record(state, *_sample(model.logits(h), jax.random.fold_in(rng, step), sampling))
+    return record(state, *sample_tokens(model.logits(h), jax.random.fold_in(rng, step),
+                                        sampling))
 
   state = jax.lax.while_loop(cond, body, state)
   if sampling.feed_last_token:

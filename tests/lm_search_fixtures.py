@@ -42,7 +42,7 @@ _STOP_WEIGHT = 1.2    # lm_head[0, STOP_ID]
 _EOS_WEIGHT = 1.05   # lm_head[0, EOS_ID]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_policy(seed: int = 0) -> tuple[nnx.GraphDef, PolicyValueParams]:
   """(graphdef, PolicyValueParams) of a tiny float32 random Llama (vocab 256, D 64, 2 layers,
   max_seq_len 256) with a random linear value head {"kernel" [64, 1], "bias" [1]}."""

@@ -48,6 +48,7 @@ from qstar_jax.envs.grading import answers_match, extract_final_number, states_a
 
 __all__ = [
   "OPERATIONS",
+  "POLICY_PROMPT_FORMAT",
   "SPLITS",
   "TEST_FRACTION",
   "ArithmeticConfig",
@@ -61,6 +62,7 @@ __all__ = [
   "gsm8k_reward",
   "inject_wrong_step",
   "parse_step",
+  "policy_prompt",
   "problems_from_jsonl",
   "problems_to_jsonl",
   "read_problems_jsonl",
@@ -210,6 +212,21 @@ class CorruptedSolution:
   @property
   def solution(self) -> str:
     return format_solution(self.solution_steps, self.answer)
+
+
+# The prompt the arithmetic policy (``qstar_jax.models.load_arithmetic_policy``) reads: the
+# question, then "A:" and a newline, after which the solution lines follow.
+POLICY_PROMPT_FORMAT = "Q: {question}\nA:\n"
+
+
+def policy_prompt(question: str, *, prompt_format: str = POLICY_PROMPT_FORMAT) -> str:
+  """The policy's prompt text for ``question`` (``prompt_format`` has one ``{question}`` field).
+
+  Examples:
+    >>> policy_prompt("Ann has 3 apples. How many apples does she have now?")
+    'Q: Ann has 3 apples. How many apples does she have now?\\nA:\\n'
+  """
+  return prompt_format.format(question=question)
 
 
 def format_solution(solution_steps: Sequence[str], answer: int) -> str:

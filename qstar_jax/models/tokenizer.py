@@ -471,6 +471,7 @@ def train_sentencepiece(
   character_coverage: float = 1.0,
   max_sentence_length: int = 1 << 16,
   num_threads: int = 1,
+  user_defined_symbols: Sequence[str] = (),
 ) -> SentencePieceTokenizer:
   """Trains a SentencePiece model whose encoding round-trips exactly.
 
@@ -486,6 +487,8 @@ def train_sentencepiece(
     vocab_size: number of pieces (must exceed 4 specials + 256 bytes for byte fallback).
     model_prefix: output path prefix; writes `<prefix>.model` and `<prefix>.vocab`.
     model_type: "bpe" or "unigram" (also "char", "word").
+    user_defined_symbols: strings that are always exactly one piece, never merged with their
+      neighbours (e.g. ``"\n"`` when a newline delimits reasoning steps).
 
   Returns:
     the trained `SentencePieceTokenizer`.
@@ -522,6 +525,11 @@ def train_sentencepiece(
     num_threads=num_threads,
     minloglevel=2,
   )
+  if user_defined_symbols:
+    if any(not isinstance(u, str) or not u for u in user_defined_symbols):
+      raise ValueError(f"user_defined_symbols={list(user_defined_symbols)!r}: expected "
+                       "non-empty strings")
+    options["user_defined_symbols"] = list(user_defined_symbols)
   if isinstance(text_or_files, str):
     text = text_or_files
   else:

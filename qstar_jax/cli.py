@@ -3,6 +3,9 @@
   qstar-jax generate --model SPEC --prompt TEXT [--chat] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
   qstar-jax bench decode --model SPEC --batch B --prompt-len P --new-tokens N [--json]
+  qstar-jax bench search --method mcts|beam|best_of_n|particle --model SPEC --batch B
+                         --candidates K --simulations S --prompt-len P [--step-tokens T]
+                         [--repeats R] [--json]
 
 SPEC is what `qstar_jax.models.load_model_spec` accepts: a Hugging Face directory, a .gguf file,
 a registered name such as "smollm2", or `preset:NAME` for a randomly initialised model of a
@@ -21,9 +24,10 @@ import jax
 from flax import nnx
 
 from qstar_jax.benchmarks.decode import bench_decode
+from qstar_jax.benchmarks.search import SEARCH_METHODS, SearchBenchConfig, bench_search
 from qstar_jax.models.decoding import SamplingConfig, decode
 from qstar_jax.models.errors import PromptError, QstarError
-from qstar_jax.models.loading import load_model_spec
+from qstar_jax.models.loading import PRESET_PREFIX, load_model_spec
 
 __all__ = ["main", "generate_text"]
 
@@ -89,16 +93,54 @@ def _parser() -> argparse.ArgumentParser:
   dec.add_argument("--repeats", type=int, default=3)
   dec.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   dec.add_argument("--json", action="store_true")
+  srch = bench_sub.add_parser("search", help="jitted LM step search vs its baselines "
+                              "(qstar_jax.benchmarks.search)")
+  srch.add_argument("--method", default="mcts", choices=SEARCH_METHODS)
+  srch.add_argument("--model", required=True)
+  srch.add_argument("--batch", type=int, default=16)
+  srch.add_argument("--candidates", type=int, default=4, help="K: MCTS actions, beam width "
+                    "and expansions, best-of-N's N, particles")
+  srch.add_argument("--simulations", type=int, default=16, help="MCTS simulations")
+  srch.add_argument("--prompt-len", type=int, default=32)
+  srch.add_argument("--step-tokens", type=int, default=8, help="T: tokens per step")
+  srch.add_argument("--max-depth", type=int, default=4, help="steps per solution at most")
+  srch.add_argument("--repeats", type=int, default=3)
+  srch.add_argument("--baseline-batch", type=int, default=None,
+                    help="problems of the Python-tree and no-prefix-reuse baselines")
+  srch.add_argument("--baseline-simulations", type=int, default=None)
+  srch.add_argument("--prompts", default=None, choices=("random", "gsm8k"),
+                    help="default: random ids for preset:NAME, few-shot GSM8K otherwise")
+  srch.add_argument("--stops", default="ignore", choices=("ignore", "newline"),
+                    help="ignore: steps of exactly --step-tokens tokens")
+  srch.add_argument("--seed", type=int, default=0)
+  srch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  srch.add_argument("--json", action="store_true")
   return parser
+
+
+def _search_config(args: argparse.Namespace) -> SearchBenchConfig:
+  """`bench search`'s options as a `SearchBenchConfig` (prompts: random ids for preset:NAME
+  models, few-shot GSM8K for pretrained ones, unless --prompts says)."""
+  prompts = args.prompts or ("random" if args.model.startswith(PRESET_PREFIX) else "gsm8k")
+  return SearchBenchConfig(
+    method=args.method, batch=args.batch, candidates=args.candidates,
+    simulations=args.simulations, prompt_len=args.prompt_len, step_tokens=args.step_tokens,
+    max_depth=args.max_depth, repeats=args.repeats, seed=args.seed,
+    baseline_batch=args.baseline_batch, baseline_simulations=args.baseline_simulations,
+    prompts=prompts, stops=args.stops)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
-    for name in ("max_new_tokens", "batch", "prompt_len", "new_tokens", "repeats"):
+    for name in ("max_new_tokens", "batch", "prompt_len", "new_tokens", "repeats",
+                 "candidates", "simulations", "step_tokens", "max_depth"):
       value = getattr(args, name, None)
       if value is not None and value < 1:
         raise ValueError(f"--{name.replace('_', '-')}={value}: expected >= 1")
+    if getattr(args, "bench_command", None) == "search":
+      search_config = _search_config(args)
+      search_config.check()
     model, tokenizer = load_model_spec(args.model, dtype=args.dtype)
     if args.command == "generate":
       out = generate_text(model, tokenizer, args.prompt, chat=args.chat,
@@ -110,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(out["text"])
         print(f"[{len(out['token_ids'])} tokens, {out['tokens_per_s']:.1f} tokens/s "
               "including compile]", file=sys.stderr)
+    elif args.bench_command == "search":
+      out = bench_search(model, search_config, tokenizer=tokenizer)
     else:
       out = bench_decode(model, batch=args.batch, prompt_len=args.prompt_len,
                          new_tokens=args.new_tokens, repeats=args.repeats)

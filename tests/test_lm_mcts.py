@@ -108,6 +108,21 @@ def test_model_expands_exactly_the_nodes_mctx_creates(result):
   assert len(visited) <= S + 1
 
 
+def test_candidates_are_the_searched_terminal_nodes_best_first(result):
+  tree, trees = result.tree, result.search_trees
+  terminal = np.asarray(tree.terminal) & np.asarray(tree.usable)
+  value = np.asarray(tree.value)
+  for b in range(B):
+    nodes = np.asarray(trees.embeddings[0, b])[np.asarray(trees.node_visits[0, b]) > 0]
+    expected = sorted({int(n) for n in nodes if terminal[n]}, key=lambda n: -value[n])
+    if not expected:
+      expected = [int(result.chosen[b])]
+    got = [int(n) for n in result.candidates[b] if n >= 0]
+    assert sorted(got) == sorted(expected)
+    np.testing.assert_array_equal(result.scores[b, :len(got)], value[got])
+    assert np.all(np.diff(value[got]) <= 0)
+
+
 def test_one_compile_for_two_batches_of_the_same_shapes(tiny, result):
   before = lm_mcts._search._cache_size()
   second = search(tiny, seed=1)

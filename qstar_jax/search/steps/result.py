@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from flax import struct
 
-from qstar_jax.search.steps.step_tree import StepTree, node_token_ids
+from qstar_jax.search.steps.step_tree import StepTree, node_step_ids, node_token_ids
 
-__all__ = ["StepSearchResult", "Solution", "read_solutions", "vote"]
+__all__ = ["StepSearchResult", "Solution", "format_tree", "read_solutions", "vote"]
 
 
 @struct.dataclass
@@ -89,7 +89,7 @@ def read_solutions(result: StepSearchResult, *, tokenizer: Any = None,
 
   out = []
   for b in range(np.asarray(host.chosen).shape[0]):
-    cands = tuple(solution(int(n), float(s)) for n, s in zip(host.candidates[b], host.scores[b])
+    cands = tuple(solution(int(n), float(s)) for n, s in zip(host.candidates[b], host.scores[b], strict=True)
                   if n >= 0)
     chosen = int(host.chosen[b])
     pick = next((c for c in cands if c.node == chosen), None)
@@ -110,9 +110,42 @@ def vote(answers: Sequence[str | None], weights: Sequence[float] | None = None) 
   if len(weights) != len(answers):
     raise ValueError(f"vote: {len(answers)} answers but {len(weights)} weights")
   totals: dict[str, float] = collections.OrderedDict()
-  for a, w in zip(answers, weights):
+  for a, w in zip(answers, weights, strict=True):
     if a is not None:
       totals[a] = totals.get(a, 0.0) + float(w)
   if not totals:
     return None
   return max(totals, key=lambda a: totals[a])
+
+
+def format_tree(tree: StepTree, problem: int, *, tokenizer: Any, chosen: int | None = None,
+                max_step_chars: int = 70) -> str:
+  """Problem `problem`'s search tree as indented text: one line per node with its step, value
+  and flags (`*` marks the path to `chosen`, `[end]` a terminal step, `[overflow]` a failed one).
+  """
+  host = jax.device_get(tree)
+  cache = host.cache
+  live = np.asarray(cache.node_live)
+  parent = np.asarray(cache.node_parent)
+  children: dict[int, list[int]] = collections.defaultdict(list)
+  for n in np.flatnonzero(live & (np.asarray(cache.node_problem) == problem)):
+    if cache.node_depth[n] > 0:
+      children[int(parent[n])].append(int(n))
+  on_path = set()
+  if chosen is not None and chosen >= 0:
+    on_path = {int(n) for n in np.asarray(cache.node_path[chosen]) if n >= 0}
+  lines = [f"problem {problem}: root (value {float(host.value[problem]):+.3f})"]
+
+  def walk(node: int, indent: str) -> None:
+    for c in children.get(node, []):
+      text = tokenizer.decode(node_step_ids(host, c))
+      if len(text) > max_step_chars:
+        text = text[:max_step_chars - 3] + "..."
+      flags = (" [end]" if host.terminal[c] else "") + (" [overflow]" if host.failed[c] else "")
+      mark = "*" if c in on_path else " "
+      lines.append(f"{indent}{mark} v={float(host.value[c]):+.3f} {text!r}{flags}")
+      walk(c, indent + "  ")
+
+  walk(problem, "  ")
+  return "\n".join(lines)
+

@@ -4,6 +4,7 @@
   model, tokenizer = load_pretrained("path/to/hf_dir")       # config.json + safetensors
   model, tokenizer = load_pretrained("path/to/model.gguf")   # GGUF (F32/F16/Q8_0/Q4_0/Q4_1)
   model, tokenizer = load_model_spec("preset:tiny")          # random weights, byte tokenizer
+  model, tokenizer = load_model_spec("arithmetic")           # the committed arithmetic policy
 
 Every source is parsed and validated completely (config, tensor names, shapes, tokenizer
 vocabulary) before the model is built, so a bad file raises a `qstar_jax.models.errors` error
@@ -18,6 +19,7 @@ import pathlib
 import jax
 from flax import nnx
 
+from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
 from qstar_jax.models.byte_tokenizer import ByteTokenizer
 from qstar_jax.models.config import get_config
 from qstar_jax.models.errors import CheckpointError
@@ -26,9 +28,10 @@ from qstar_jax.models.hf_loader import load_hf
 from qstar_jax.models.llama import init_llama
 from qstar_jax.models.registry import load_registered, registered_names
 
-__all__ = ["load_pretrained", "load_model_spec", "PRESET_PREFIX"]
+__all__ = ["load_pretrained", "load_model_spec", "PRESET_PREFIX", "ARITHMETIC_SPEC"]
 
 PRESET_PREFIX = "preset:"
+ARITHMETIC_SPEC = "arithmetic"  # the committed arithmetic policy (models.arithmetic_policy)
 
 
 def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
@@ -63,12 +66,17 @@ def load_pretrained(spec: str | os.PathLike, dtype: str | None = "float32"):
 
 
 def load_model_spec(spec: str, dtype: str = "float32"):
-  """(model, tokenizer) for a model SPEC: what `load_pretrained` accepts, or `preset:NAME`
-  for a randomly initialised (seed 0) model of the config preset NAME with a `ByteTokenizer`.
+  """(model, tokenizer) for a model SPEC: what `load_pretrained` accepts, `preset:NAME`
+  for a randomly initialised (seed 0) model of the config preset NAME with a `ByteTokenizer`,
+  or `arithmetic` for the committed arithmetic policy (float32 as stored; its value head and
+  step delimiters come with `load_arithmetic_policy()`).
 
   Raises:
     ValueError: a preset whose vocabulary is smaller than the 256 byte ids.
   """
+  if spec == ARITHMETIC_SPEC:
+    policy = load_arithmetic_policy()
+    return nnx.merge(policy.graphdef, policy.params), policy.tokenizer
   if not spec.startswith(PRESET_PREFIX):
     return load_pretrained(spec, dtype=dtype)
   config = get_config(spec[len(PRESET_PREFIX):], param_dtype=dtype, dtype=dtype)

@@ -12,7 +12,8 @@ Pipeline (`train_arithmetic_policy`):
 3. **SFT**: a Llama trained on the project's train loop with the next-token loss of
    `training.lm` restricted to the solution tokens (EOS included):
    ``L = sum_{b,t} w_bt * nll_bt / sum_{b,t} w_bt`` with ``w_bt = 1`` where token ``t + 1`` of
-   row ``b`` belongs to the solution.
+   row ``b`` belongs to the solution. Batches group examples of similar length
+   (`length_grouped_batches`), so little compute goes to padding.
 4. **Evaluation**: greedy accuracy (``arithmetic_reward``) on ``num_test_problems`` problems of
    the test split (``generate_problems(seed, N, split="test")``), batched `models.decode` with a
    fixed batch and prompt width (one compilation; the first ``slice_problems`` form the first
@@ -34,7 +35,7 @@ import dataclasses
 import pathlib
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -42,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qstar_jax.data.pipeline import iterate_batches
 from qstar_jax.envs.arithmetic import (
   POLICY_PROMPT_FORMAT,
   ArithmeticConfig,
@@ -82,6 +82,7 @@ __all__ = [
   "generate_solutions",
   "greedy_accuracy",
   "install_arithmetic_policy",
+  "length_grouped_batches",
   "majority_answer",
   "sft_loss_fn",
   "step_end_positions",
@@ -217,21 +218,40 @@ def sft_loss_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, dict]]
   return loss_fn
 
 
-class _Examples:
-  """Random access over (tokens row, weights row) for `iterate_batches`."""
+def length_grouped_batches(tokens: np.ndarray, weights: np.ndarray, *, batch_size: int,
+                           seed: int, start_step: int = 0, width_multiple: int = 16,
+                           group_batches: int = 64) -> Iterator[dict[str, np.ndarray]]:
+  """Batches ``start_step, start_step + 1, ...`` (endless) of examples of similar length.
 
-  def __init__(self, tokens: np.ndarray, weights: np.ndarray):
-    self.tokens, self.weights = tokens, weights
-
-  def __len__(self) -> int:
-    return len(self.tokens)
-
-  def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-    return self.tokens[i], self.weights[i]
-
-
-def _collate(rows: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {"tokens": np.stack([r[0] for r in rows]), "weights": np.stack([r[1] for r in rows])}
+  Each epoch is a seeded permutation cut into groups of ``group_batches`` batches; a group is
+  sorted by length and split into batches, and the epoch's batches are shuffled. A batch keeps
+  the columns up to its longest example rounded up to ``width_multiple`` (plus the window's
+  extra token), so padding costs little compute and only a few widths (compilations) occur.
+  Deterministic in ``(seed, step)``: a resumed run sees the same batches.
+  """
+  lengths = (tokens != PAD_ID).sum(1)
+  per_epoch = len(tokens) // batch_size
+  if per_epoch < 1:
+    raise ValueError(f"{len(tokens)} examples < batch_size={batch_size}")
+  epoch, order = -1, []
+  step = start_step
+  while True:
+    if step // per_epoch != epoch:
+      epoch = step // per_epoch
+      rng = np.random.default_rng((seed, epoch))
+      perm = rng.permutation(len(tokens))[:per_epoch * batch_size]
+      group = group_batches * batch_size
+      batches = []
+      for g in range(0, len(perm), group):
+        members = perm[g:g + group]
+        members = members[np.argsort(lengths[members], kind="stable")]
+        batches += [members[i:i + batch_size] for i in range(0, len(members), batch_size)]
+      order = [batches[i] for i in rng.permutation(len(batches))]
+    rows = order[step % per_epoch]
+    width = -(-int(lengths[rows].max() - 1) // width_multiple) * width_multiple
+    width = min(width, tokens.shape[1] - 1)
+    yield {"tokens": tokens[rows, :width + 1], "weights": weights[rows, :width]}
+    step += 1
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -445,12 +465,11 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
                                             max_seq_len=cfg.max_seq_len), seed=cfg.seed)
   graphdef, params = nnx.split(model)
   num_steps = cfg.loop.num_steps
-  source = _Examples(tokens, weights)
   bsz = d.batch_size
 
   def train_batches(start: int):
-    return iterate_batches(source, batch_size=bsz, seed=cfg.seed, start_step=start,
-                           collate=_collate, backend="python")
+    return length_grouped_batches(tokens, weights, batch_size=bsz, seed=cfg.seed,
+                                  start_step=start)
 
   def eval_batches():
     return ({"tokens": eval_tokens[i:i + bsz], "weights": eval_weights[i:i + bsz]}

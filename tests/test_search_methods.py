@@ -7,8 +7,8 @@ import collections
 import jax
 import numpy as np
 import pytest
-
 from lm_search_fixtures import TINY_SPEC, make_prompts, tiny_policy
+
 from qstar_jax.search.steps.methods import (
   SearchBudget,
   method_answers,

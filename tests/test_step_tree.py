@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from lm_search_fixtures import (
   EOS_ID,
   GREEDY,
@@ -21,6 +20,7 @@ from lm_search_fixtures import (
   make_prompts,
   tiny_policy,
 )
+
 from qstar_jax.models import apply, decode
 from qstar_jax.search.steps.step_tree import (
   StepSpec,
@@ -175,7 +175,7 @@ def test_step_contains_matches_brute_force():
     row = list(row[:n])
     return any(row[i:i + len(m)] == list(m) for m in markers for i in range(n - len(m) + 1))
 
-  np.testing.assert_array_equal(got, [brute(r, n) for r, n in zip(tokens, lengths)])
+  np.testing.assert_array_equal(got, [brute(r, n) for r, n in zip(tokens, lengths, strict=True)])
 
 
 def test_final_marker_makes_a_step_terminal(policy):

@@ -17,9 +17,9 @@ from qstar_jax.models.decoding import (  # noqa: E402
   decode_unchecked,
   delimiter_token_ids,
   filter_logits,
-  sample_tokens,
   model_config_of,
   sample_steps,
+  sample_tokens,
 )
 from qstar_jax.models.heads import (  # noqa: E402
   PolicyValue,

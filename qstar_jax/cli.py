@@ -153,15 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{len(out['token_ids'])} tokens, {out['tokens_per_s']:.1f} tokens/s "
               "including compile]", file=sys.stderr)
     elif args.bench_command == "search":
-      out = bench_search(model, search_config, tokenizer=tokenizer)
+      out = bench_search(model, search_config, tokenizer=tokenizer,
+                         log=lambda line: print(f"[bench search] {line}", file=sys.stderr))
     else:
       out = bench_decode(model, batch=args.batch, prompt_len=args.prompt_len,
                          new_tokens=args.new_tokens, repeats=args.repeats)
-      if args.json:
-        print(json.dumps(out))
-      else:
-        for key, value in out.items():
-          print(f"{key:>20}: {value:.4g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    if args.command == "bench" and args.json:
+      print(json.dumps(out))
+    elif args.command == "bench":
+      for key, value in out.items():
+        print(f"{key:>20}: {value:.4g}" if isinstance(value, float) else f"{key:>20}: {value}")
   except (QstarError, ValueError) as err:
     print(f"qstar-jax: error: {err}", file=sys.stderr)
     return 2

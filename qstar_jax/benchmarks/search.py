@@ -493,12 +493,13 @@ def _search_call(config: SearchBenchConfig, *, graphdef: nnx.GraphDef, spec: Ste
   return call
 
 
-def bench_search(model: Any, config: SearchBenchConfig, *,
-                 tokenizer: Any = None) -> dict[str, Any]:
+def bench_search(model: Any, config: SearchBenchConfig, *, tokenizer: Any = None,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Runs `config.method` and its baselines on one batch of prompts; returns the JSON dict.
 
   `model` is a `Llama` (a random linear value head of its width is added); `tokenizer` is
-  needed for `prompts="gsm8k"` and `stops="newline"`. Every `*_seconds` value is the best of
+  needed for `prompts="gsm8k"` and `stops="newline"`; `log` receives one line per finished
+  phase (name, best seconds, compile seconds). Every `*_seconds` value is the best of
   `config.repeats` runs after a compile run; each ratio is computed from two of them.
   """
   config.check()
@@ -525,14 +526,20 @@ def bench_search(model: Any, config: SearchBenchConfig, *,
             (("tokens", tokens), ("lengths", lengths), ("tokens2", tokens2),
              ("lengths2", lengths2))}
 
-  def timed_search(search_params, expand_fn, *, problems=b, simulations=s, prompts=device):
+  def timed(name, fn):
+    out = _timed(fn, config.repeats)
+    if log is not None:
+      log(f"{name}: {out['seconds']:.3f} s (compile {out['compile_s']:.1f} s)")
+    return out
+
+  def timed_search(name, search_params, expand_fn, *, problems=b, simulations=s):
     call = _search_call(config, graphdef=graphdef, spec=spec, sampling=sampling,
                         expand_fn=expand_fn, simulations=simulations)
-    return _timed(lambda: call(search_params, key, prompts["tokens"][:problems],
-                               prompts["lengths"][:problems]), config.repeats)
+    return timed(name, lambda: call(search_params, key, device["tokens"][:problems],
+                                    device["lengths"][:problems]))
 
   from_steps = expand_steps
-  main = timed_search(params, from_steps)
+  main = timed_search("search", params, from_steps)
   result = main["out"]
   seconds = main["seconds"]
   tokens_decoded = int(np.sum(np.asarray(result.tokens_decoded)))
@@ -553,18 +560,18 @@ def bench_search(model: Any, config: SearchBenchConfig, *,
   # Plain batched decoding of the same tokens at the same rows per forward.
   rows = config.rows_per_problem()
   new_tokens = max(1, math.ceil(tokens_decoded / (b * rows)))
-  dec = _timed(lambda: decode(
+  dec = timed("decode", lambda: decode(
     graphdef, policy, key, tokens=device["tokens"], lengths=lengths, model_config=model_config,
     sampling=SamplingConfig(max_new_tokens=new_tokens, num_candidates=rows, ignore_eos=True)
-  ).tokens, config.repeats)
+  ).tokens)
   decode_tokens = b * rows * new_tokens
   out.update({"decode_seconds": dec["seconds"], "decode_tokens": decode_tokens,
               "decode_rows": b * rows,
               "overhead_vs_decode": (seconds / tokens_decoded) / (dec["seconds"] / decode_tokens)})
 
   # The same search: value head off; constant stub (no model call).
-  off = timed_search(params.replace(value=None), from_steps)
-  stub = timed_search(params, constant_step_expand)
+  off = timed_search("value head off", params.replace(value=None), from_steps)
+  stub = timed_search("constant stub", params, constant_step_expand)
   out.update({"value_off_seconds": off["seconds"],
               "value_overhead": (seconds - off["seconds"]) / off["seconds"],
               "stub_seconds": stub["seconds"],
@@ -576,7 +583,7 @@ def bench_search(model: Any, config: SearchBenchConfig, *,
   per_problem = (lambda sims: sims + 1) if config.method == "mcts" else (lambda sims: 1)
   expansions, base_expansions = b * per_problem(s), bb * per_problem(bs)
   reuse_off = timed_search(
-    params, functools.partial(no_prefix_reuse_expand, prompt_tokens=tokens[:bb]), problems=bb,
+    "no prefix reuse", params, functools.partial(no_prefix_reuse_expand, prompt_tokens=tokens[:bb]), problems=bb,
     simulations=bs)
   out.update({"no_prefix_reuse_seconds": reuse_off["seconds"],
               "no_prefix_reuse_batch": bb,
@@ -584,10 +591,10 @@ def bench_search(model: Any, config: SearchBenchConfig, *,
               "prefix_reuse_speedup": _rate_ratio(seconds, expansions, reuse_off["seconds"],
                                                   base_expansions)})
   if config.method == "mcts":
-    python = _timed(lambda: python_tree_mcts(
+    python = timed("python-tree mcts", lambda: python_tree_mcts(
       params, key, graphdef=graphdef, prompt_tokens=tokens[:bb], prompt_lengths=lengths[:bb],
       spec=spec, sampling=sampling, num_actions=k, num_simulations=bs,
-      max_depth=config.max_depth), config.repeats)
+      max_depth=config.max_depth))
     out.update({"python_seconds": python["seconds"], "python_batch": bb,
                 "python_simulations": bs, "python_model_calls": python["out"].model_calls,
                 "speedup_vs_python": _rate_ratio(seconds, expansions, python["seconds"],

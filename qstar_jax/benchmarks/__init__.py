@@ -6,5 +6,14 @@ from qstar_jax.benchmarks.decode import (
   gemm_floor_step_s,
   host_copy_bandwidth,
 )
+from qstar_jax.benchmarks.search import (
+  SEARCH_METHODS,
+  SearchBenchConfig,
+  bench_search,
+  no_prefix_reuse_expand,
+  python_tree_mcts,
+)
 
-__all__ = ["bench_decode", "device_copy_bandwidth", "gemm_floor_step_s", "host_copy_bandwidth"]
+__all__ = ["SEARCH_METHODS", "SearchBenchConfig", "bench_decode", "bench_search",
+           "device_copy_bandwidth", "gemm_floor_step_s", "host_copy_bandwidth",
+           "no_prefix_reuse_expand", "python_tree_mcts"]

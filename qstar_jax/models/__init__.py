@@ -111,3 +111,11 @@ from qstar_jax.models.tree_cache import TreeKVCache, TreeStep, init_tree_cache, 
 
 # fork_nodes, release_nodes, copy_nodes and cascade_attention: `models.tree_cache.<name>`.
 __all__ += ["tree_cache", "TreeKVCache", "TreeStep", "init_tree_cache", "tree_step"]
+
+from qstar_jax.models.arithmetic_policy import (  # noqa: E402
+  ArithmeticPolicy,
+  load_arithmetic_policy,
+  save_arithmetic_policy,
+)
+
+__all__ += ["ArithmeticPolicy", "load_arithmetic_policy", "save_arithmetic_policy"]

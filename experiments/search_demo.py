@@ -41,7 +41,7 @@ class SearchDemoConfig:
   n_problems: int = 64
   methods: tuple[str, ...] = ("greedy", "majority", "mcts", "beam")
   budget: SearchBudget = SearchBudget(num_samples=8, beam_width=4, expansions=2,
-                                      mcts_actions=3, mcts_simulations=3)
+                                      mcts_actions=3, mcts_simulations=3, max_depth=6)
   gsm8k: bool = True
   gsm8k_index: int = 0
   gsm8k_model: str = "smollm2"

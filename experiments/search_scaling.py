@@ -48,7 +48,8 @@ class SearchScalingConfig:
   tasks: tuple[str, ...] = ("arithmetic", "gsm8k")
   methods: tuple[str, ...] = METHODS
   seed: int = 0
-  budget: SearchBudget = SearchBudget()
+  # Arithmetic solutions have <= 5 steps; 80-token prompts + 6 x 24 tokens fit the 256 context.
+  budget: SearchBudget = SearchBudget(max_depth=6)
   gsm8k_budget: SearchBudget = SearchBudget(num_samples=4, beam_width=2, expansions=2,
                                             num_particles=4, mcts_actions=2, mcts_simulations=2,
                                             q_candidates=2, best_first_candidates=2,

@@ -44,7 +44,12 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from qstar_jax.envs.grading import answers_match, extract_final_number, states_answer
+from qstar_jax.envs.grading import (
+  answers_match,
+  extract_final_number,
+  stated_answer,
+  states_answer,
+)
 
 __all__ = [
   "OPERATIONS",
@@ -418,9 +423,8 @@ def generate_problems(
 
 def stated_answer_reward(solution_text: str, reference: str) -> float:
   """1.0 when the text states an answer (an answer cue and a number) equal to ``reference``."""
-  if not states_answer(solution_text):
-    return 0.0
-  return float(answers_match(extract_final_number(solution_text), reference))
+  answer = stated_answer(solution_text)
+  return 0.0 if answer is None else float(answers_match(answer, reference))
 
 
 def arithmetic_reward(solution_text: str, problem: ArithmeticProblem) -> float:

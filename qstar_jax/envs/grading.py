@@ -10,7 +10,8 @@ from __future__ import annotations
 import decimal
 import re
 
-__all__ = ["extract_final_number", "normalize_number", "answers_match", "states_answer"]
+__all__ = ["extract_final_number", "normalize_number", "answers_match", "stated_answer",
+           "states_answer"]
 
 _NUMBER = r"-?\$?\s?\d[\d,]*(?:\.\d+)?"
 _CUES = (
@@ -74,6 +75,12 @@ def states_answer(text: str) -> bool:
     (False, True)
   """
   return any(cue.search(text) for cue in _CUES)
+
+
+def stated_answer(text: str) -> str | None:
+  """The number `text` states as its answer ("The answer is N", "#### N", ...), else None: a text
+  that never states an answer has none, even when it ends with a number."""
+  return extract_final_number(text) if states_answer(text) else None
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:

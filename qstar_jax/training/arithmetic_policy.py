@@ -30,7 +30,6 @@ Pipeline (`train_arithmetic_policy`):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import pathlib
 import shutil
@@ -52,7 +51,7 @@ from qstar_jax.envs.arithmetic import (
   inject_wrong_step,
   policy_prompt,
 )
-from qstar_jax.envs.grading import answers_match, extract_final_number, states_answer
+from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models.arithmetic_policy import (
   ARITHMETIC_POLICY_FILES,
   default_arithmetic_policy_dir,
@@ -63,6 +62,7 @@ from qstar_jax.models.decoding import decode
 from qstar_jax.models.llama import apply_hidden, init_llama
 from qstar_jax.models.params import count_params
 from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from qstar_jax.search.steps.result import vote
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.lm import window_token_nll
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
@@ -310,9 +310,7 @@ def greedy_accuracy(graphdef: nnx.GraphDef, params: Any, tokenizer: Any,
 def majority_answer(texts: Sequence[str]) -> str | None:
   """The most frequent stated answer among ``texts`` (first seen wins ties); None if none
   states one."""
-  answers = [extract_final_number(t) for t in texts if states_answer(t)]
-  answers = [a for a in answers if a is not None]
-  return collections.Counter(answers).most_common(1)[0][0] if answers else None
+  return vote([stated_answer(t) for t in texts])
 
 
 # ------------------------------------------------------------------------------------ value head

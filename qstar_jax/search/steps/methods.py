@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qstar_jax.envs.grading import extract_final_number, states_answer
+from qstar_jax.envs.grading import stated_answer
 from qstar_jax.models.decoding import SamplingConfig
 from qstar_jax.search.steps.lm_mcts import mcts_step_search
 from qstar_jax.search.steps.lm_searches import (
@@ -67,11 +67,6 @@ class SearchBudget:
   best_first_step_cost: float = 0.0
   temperature: float = 1.0       # token sampling temperature of every sampled method
   max_depth: int = 8             # steps per solution at most
-
-
-def stated_answer(text: str) -> str | None:
-  """The number a solution states as its answer ("The answer is N", "#### N", ...), else None."""
-  return extract_final_number(text) if states_answer(text) else None
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 32,

@@ -50,6 +50,10 @@ __all__ = [
   "copy_nodes",
   "tree_step",
   "cascade_attention",
+  "StepKV",
+  "gather_ancestors",
+  "step_decode",
+  "commit_steps",
 ]
 
 
@@ -368,6 +372,35 @@ def _partial_softmax(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax
   return probs, top, jnp.sum(probs, axis=-1)
 
 
+def _attention_part(subscripts: str, q32: jax.Array, keys: jax.Array, values: jax.Array,
+                    mask: jax.Array, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One part of a split softmax: (max m, sum l, unnormalised output a) over the part's keys.
+
+  `subscripts` is the q.k einsum "Q,K->S" (the keys' axis last in S); a = probs . values uses
+  "S,K->Q" with the same letters. Scores in float32."""
+  spec_q, rest = subscripts.split(",")
+  spec_k, spec_s = rest.split("->")
+  scores = jnp.einsum(subscripts, q32, keys.astype(jnp.float32)) * scale
+  probs, top, total = _partial_softmax(scores, mask)
+  acc = jnp.einsum(f"{spec_s},{spec_k}->{spec_q}", probs, values.astype(jnp.float32))
+  return top, total, acc
+
+
+def _merge_parts(parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+  """Exact softmax output from partial softmaxes (m_i, l_i, a_i): sum a_i e^{m_i-m} / sum
+  l_i e^{m_i-m}, m = max m_i (rows with no key at all give 0)."""
+  top = parts[0][0]
+  for part_top, _, _ in parts[1:]:
+    top = jnp.maximum(top, part_top)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  denom, out = 0.0, 0.0
+  for part_top, total, acc in parts:
+    weight = jnp.where(jnp.isfinite(part_top), jnp.exp(part_top - top), 0.0)
+    denom = denom + weight * total
+    out = out + weight[..., None] * acc
+  return out / jnp.where(denom > 0, denom, 1.0)[..., None]
+
+
 def cascade_attention(q: jax.Array, prompt_keys: jax.Array, prompt_values: jax.Array,
                       prompt_lengths: jax.Array, suffix_keys: jax.Array,
                       suffix_values: jax.Array, suffix_lengths: jax.Array) -> jax.Array:
@@ -386,24 +419,16 @@ def cascade_attention(q: jax.Array, prompt_keys: jax.Array, prompt_values: jax.A
   b, w, hq, hd = q.shape
   hkv = prompt_keys.shape[2]
   q32 = q.reshape(b, w, hkv, hq // hkv, hd).astype(jnp.float32)
-  f32, scale = jnp.float32, 1.0 / math.sqrt(hd)
-  # Prompt: one dense matmul per problem over all its rows.
-  scores = jnp.einsum("bwkgd,bpkd->bwkgp", q32, prompt_keys.astype(f32)) * scale
-  mask = jnp.arange(prompt_keys.shape[1])[None, :] < prompt_lengths[:, None]    # [B, P]
-  probs, top1, sum1 = _partial_softmax(scores, mask[:, None, None, None, :])
-  acc1 = jnp.einsum("bwkgp,bpkd->bwkgd", probs, prompt_values.astype(f32))
-  # Suffix: each row over its own gathered pages.
-  scores = jnp.einsum("bwkgd,bwskd->bwkgs", q32, suffix_keys.astype(f32)) * scale
-  mask = jnp.arange(suffix_keys.shape[2])[None, None, :] < suffix_lengths[:, :, None]
-  probs, top2, sum2 = _partial_softmax(scores, mask[:, :, None, None, :])
-  acc2 = jnp.einsum("bwkgs,bwskd->bwkgd", probs, suffix_values.astype(f32))
-  top = jnp.maximum(top1, top2)
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  w1 = jnp.where(jnp.isfinite(top1), jnp.exp(top1 - top), 0.0)
-  w2 = jnp.where(jnp.isfinite(top2), jnp.exp(top2 - top), 0.0)
-  denom = w1 * sum1 + w2 * sum2
-  out = (w1[..., None] * acc1 + w2[..., None] * acc2) / jnp.where(denom > 0, denom, 1.0)[
-      ..., None]
+  scale = 1.0 / math.sqrt(hd)
+  prompt_mask = jnp.arange(prompt_keys.shape[1])[None, :] < prompt_lengths[:, None]  # [B, P]
+  suffix_mask = jnp.arange(suffix_keys.shape[2])[None, None, :] < suffix_lengths[:, :, None]
+  out = _merge_parts([
+      # Prompt: one dense matmul per problem over all its rows.
+      _attention_part("bwkgd,bpkd->bwkgp", q32, prompt_keys, prompt_values,
+                      prompt_mask[:, None, None, None, :], scale),
+      # Suffix: each row over its own gathered pages.
+      _attention_part("bwkgd,bwskd->bwkgs", q32, suffix_keys, suffix_values,
+                      suffix_mask[:, :, None, None, :], scale)])
   return out.reshape(b, w, hq * hd).astype(q.dtype)
 
 
@@ -488,3 +513,172 @@ def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: ja
       tokens_decoded=cache.tokens_decoded + jnp.sum(written_bw, axis=1).astype(jnp.int32))
   return _with_peak(cache), TreeStep(logits=model.logits(hidden), hidden=hidden,
                                      written=written_bw)
+
+
+# ----------------------------------------------------------------------------- step decoding
+
+
+@struct.dataclass
+class StepKV:
+  """What the rows of one expansion attend besides their prompt, in dense arrays.
+
+  W parent rows per problem, K children per parent, R = W * K child rows per problem. The
+  parents' suffixes are gathered from the pages once per step (`gather_ancestors`); the step's
+  own new tokens go into a dense buffer, one slot per token (`step_decode`), and into pages
+  only once the step is finished (`commit_steps`): the token loop never touches the pool.
+  """
+
+  parent_keys: jax.Array      # [L, Hkv, B, W, S, hd] parent suffixes, S = max_pages_per_node *
+  parent_values: jax.Array    # [L, Hkv, B, W, S, hd]   page_len (entries >= length masked)
+  parent_lengths: jax.Array   # [B, W] int32 tokens after the prompt of each parent
+  keys: jax.Array             # [L, T, B, W, K, Hkv, hd] the step's new tokens, slot t = token t
+  values: jax.Array           # [L, T, B, W, K, Hkv, hd]
+
+  num_children = property(lambda self: self.keys.shape[4])
+  max_tokens = property(lambda self: self.keys.shape[1])
+
+
+def gather_ancestors(cache: TreeKVCache, parents: jax.Array, *, num_children: int,
+                     max_tokens: int) -> StepKV:
+  """The suffixes of parent rows `parents [B, W]` (node ids of problem b; -1 or dead: empty),
+  read from their pages once, and an empty buffer for `max_tokens` new tokens of each of their
+  `num_children` children."""
+  parents = jnp.asarray(parents, jnp.int32)
+  b, w = parents.shape
+  safe = jnp.clip(parents, 0)
+  live = (parents >= 0) & cache.node_live[safe]
+  tables = jnp.clip(cache.node_pages[safe], 0)                            # [B, W, MP]
+  l, hkv, _, page_len, hd = cache.page_keys.shape
+  s = cache.max_pages_per_node * page_len
+
+  def gather(pool):   # [L, Hkv, B, W, MP, PL, hd] -> [L, Hkv, B, W, S, hd]
+    return pool[:, :, tables].reshape(l, hkv, b, w, s, hd)
+
+  buffer = jnp.zeros((l, max_tokens, b, w, num_children, hkv, hd), cache.page_keys.dtype)
+  return StepKV(parent_keys=gather(cache.page_keys), parent_values=gather(cache.page_values),
+                parent_lengths=jnp.where(live, cache.node_length[safe], 0),
+                keys=buffer, values=buffer)
+
+
+def step_decode(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, kv: StepKV,
+                t: jax.Array, tokens: jax.Array) -> tuple[StepKV, TreeStep]:
+  """Token t of every child row's step: row (b, w * K + k) feeds `tokens[b, w * K + k]` at
+  position prompt_length[b] + parent_length[b, w] + t; its key/value goes into buffer slot t and
+  its query attends b's prompt, its parent's suffix and its own tokens 0..t (three partial
+  softmaxes merged by log-sum-exp). Reads `cache.prompt` only: the pool is not touched.
+
+  Args:
+    graphdef, params: `nnx.split` of a `Llama`.
+    kv: from `gather_ancestors` (slots < t filled by earlier calls).
+    t: [] int32 token index in the step (< kv.max_tokens).
+    tokens: [B, W * K] int32.
+  Returns:
+    (kv, `TreeStep` [B, W * K] at the new tokens; `written` all True: nothing is written to the
+    pages before `commit_steps`).
+  """
+  tokens = jnp.asarray(tokens, jnp.int32)
+  _, t_max, b, w, k, hkv, hd = kv.keys.shape
+  model = nnx.merge(graphdef, params)
+  config = model.config
+  hq = config.num_heads
+  positions = cache.prompt.lengths[:, None] + kv.parent_lengths + t               # [B, W]
+  cos, sin = rotary_tables(config, jnp.repeat(positions.reshape(-1), k)[:, None])  # [BWK,1,1,hd]
+  scale = 1.0 / math.sqrt(hd)
+  prompt_mask = (jnp.arange(cache.prompt.keys.shape[2])[None, :]
+                 < cache.prompt.lengths[:, None])[:, None, None, None, None, :]  # [B,1,1,1,1,P]
+  parent_mask = (jnp.arange(kv.parent_keys.shape[4])[None, None, :]
+                 < kv.parent_lengths[:, :, None])[:, :, None, None, None, :]    # [B,W,1,1,1,S]
+  own_mask = jnp.arange(t_max) <= t                                             # [T]
+  keys, values = kv.keys, kv.values
+  x = model.embed(tokens)                                                       # [B, WK, D]
+  for i, layer in enumerate(model.layers):
+    attn = layer.attn
+    h = layer.input_norm(x).reshape(b * w * k, 1, -1)
+    q = apply_rotary(attn.q_proj(h).reshape(b * w * k, 1, hq, hd), cos, sin)
+    new_k = apply_rotary(attn.k_proj(h).reshape(b * w * k, 1, hkv, hd), cos, sin)
+    new_v = attn.v_proj(h)
+    keys = keys.at[i, t].set(new_k.reshape(b, w, k, hkv, hd).astype(keys.dtype))
+    values = values.at[i, t].set(new_v.reshape(b, w, k, hkv, hd).astype(values.dtype))
+    q32 = q.reshape(b, w, k, hkv, hq // hkv, hd).astype(jnp.float32)
+    out = _merge_parts([
+        _attention_part("bwchgd,bphd->bwchgp", q32, cache.prompt.keys[i],
+                        cache.prompt.values[i], prompt_mask, scale),
+        _attention_part("bwchgd,hbwsd->bwchgs", q32, kv.parent_keys[i], kv.parent_values[i],
+                        parent_mask, scale),
+        _attention_part("bwchgd,tbwchd->bwchgt", q32, keys[i], values[i], own_mask, scale)])
+    x = x + attn.o_proj(out.reshape(b, w * k, hq * hd).astype(x.dtype))
+    x = x + layer.mlp(layer.post_attn_norm(x))
+  hidden = model.final_norm(x)
+  return kv.replace(keys=keys, values=values), TreeStep(
+      logits=model.logits(hidden), hidden=hidden, written=jnp.ones((b, w * k), bool))
+
+
+def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
+                 lengths: jax.Array) -> tuple[TreeKVCache, jax.Array]:
+  """Write each child's finished step (its first lengths[b, j] buffer slots) into pages, once.
+
+  Child j = w * K + k of problem b (just forked from parent row w: its length is the parent's)
+  gets ceil((partial + n) / page_len) fresh pages, partial = its length % page_len: the first
+  starts with a copy of the shared partial page's `partial` tokens (copy-on-write; the shared
+  page loses the reference), the rest hold the new tokens. Pages for all rows come from one
+  batched allocation and go into the pool with one scatter per pool. A row whose pages do not
+  fit (no free page left for it, or a full page table) is not written and sets `overflow[b]`.
+
+  Args:
+    kv: the buffer of `step_decode`.
+    children: [B, W * K] int32 node ids (-1: none).
+    lengths: [B, W * K] int32 tokens decoded into the buffer (<= kv.max_tokens).
+  Returns:
+    (cache, committed [B, W * K] bool: the row's tokens are in its node).
+  """
+  children = jnp.asarray(children, jnp.int32)
+  l, t_max, b, w, k, hkv, hd = kv.keys.shape
+  r, page_len, mp = b * w * k, cache.page_len, cache.max_pages_per_node
+  flat = children.reshape(-1)
+  safe = jnp.clip(flat, 0)
+  n = jnp.where(flat >= 0, lengths.reshape(-1), 0)
+  start = cache.node_length[safe]
+  partial, first = start % page_len, start // page_len
+  max_new = -(-(page_len - 1 + t_max) // page_len)                   # static pages per row
+  need = jnp.where(n > 0, (partial + n + page_len - 1) // page_len, 0)
+  fits = (n > 0) & (first + need <= mp)
+  free_count = jnp.sum(cache.free_pages)
+  ok = fits & (jnp.cumsum(jnp.where(fits, need, 0)) <= free_count)
+  slot = jnp.arange(max_new)
+  request = ok[:, None] & (slot[None, :] < need[:, None])            # [R, max_new]
+  fresh = _allocate(cache.free_pages, request.reshape(-1)).reshape(r, max_new)
+  # Row tails [L, Hkv, R, max_new * PL, hd]: the shared partial page's first `partial` tokens,
+  # then the buffer's tokens.
+  table = cache.node_pages[safe]                                      # [R, MP]
+  old = jnp.take_along_axis(table, jnp.clip(first, 0, mp - 1)[:, None], axis=1)[:, 0]
+  old = jnp.where((partial > 0) & ok, old, -1)
+  pos = jnp.arange(max_new * page_len)
+  src = jnp.clip(pos[None, :] - partial[:, None], 0, t_max - 1)       # [R, max_new * PL]
+  keep_old = pos[None, :] < partial[:, None]
+
+  def tail(pool, buffer):
+    prefix = pool[:, :, jnp.clip(old, 0)]                             # [L, Hkv, R, PL, hd]
+    prefix = jnp.pad(prefix, ((0, 0), (0, 0), (0, 0), (0, (max_new - 1) * page_len), (0, 0)))
+    new = jnp.moveaxis(buffer.reshape(l, t_max, r, hkv, hd), 3, 1)    # [L, Hkv, T, R, hd]
+    new = jnp.take_along_axis(new, src.T[None, None, :, :, None], axis=2)   # [L,Hkv,S,R,hd]
+    rows = jnp.where(keep_old.T[None, None, :, :, None], jnp.moveaxis(prefix, 3, 2), new)
+    rows = jnp.moveaxis(rows, 2, 3).reshape(l, hkv, r * max_new, page_len, hd)
+    return pool.at[:, :, _drop_index(fresh.reshape(-1), cache.num_pages)].set(rows, mode="drop")
+
+  refcount = cache.page_refcount.at[_drop_index(fresh.reshape(-1), cache.num_pages)].add(
+      1, mode="drop")
+  refcount = refcount.at[_drop_index(old, cache.num_pages)].add(-1, mode="drop")
+  cols = first[:, None] + slot[None, :]
+  rows = _drop_index(jnp.where(request, safe[:, None], -1), cache.max_nodes)
+  written = jnp.where(ok, n, 0)
+  problems = jnp.repeat(jnp.arange(b, dtype=jnp.int32), w * k)
+  cache = cache.replace(
+      page_keys=tail(cache.page_keys, kv.keys), page_values=tail(cache.page_values, kv.values),
+      page_refcount=refcount,
+      node_pages=cache.node_pages.at[rows, jnp.clip(cols, 0, mp - 1)].set(fresh, mode="drop"),
+      node_length=cache.node_length.at[_drop_index(jnp.where(ok, flat, -1), cache.max_nodes)]
+      .add(written, mode="drop"),
+      tokens_decoded=cache.tokens_decoded + jnp.sum(written.reshape(b, -1), axis=1).astype(
+          jnp.int32),
+      overflow=_flag(cache.overflow, problems, (n > 0) & ~ok))
+  return _with_peak(cache), ok.reshape(b, w * k)

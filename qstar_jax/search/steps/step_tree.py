@@ -12,8 +12,10 @@ in a shared page pool) plus, per node slot, what a search needs to rank and exte
 
 `expand_steps` forks K children of each of W parent rows per problem (`fork_nodes`: the
 children share every page of their parent) and decodes one step for all B*W*K rows together,
-one token per batched `tree_step`, until every row has sampled a step delimiter or EOS or has
-`max_step_tokens` tokens. Every sampled token is fed (the delimiter too), so each node's cache
+one token per batched `step_decode`, until every row has sampled a step delimiter or EOS or has
+`max_step_tokens` tokens: the parents' suffixes are gathered from the pages once per step
+(`gather_ancestors`), the step's keys/values go into a dense buffer and into pages once after
+the step (`commit_steps`), so the token loop never touches the page pool. Every sampled token is fed (the delimiter too), so each node's cache
 holds its whole sequence and the next expansion starts from its `hidden` with no recompute:
 the tokens that pass through the model are exactly the prompts plus the tree's tokens.
 
@@ -39,12 +41,15 @@ from flax import nnx, struct
 
 from qstar_jax.models.decoding import SamplingConfig, sample_tokens
 from qstar_jax.models.tree_cache import (
+  StepKV,
   TreeKVCache,
+  commit_steps,
   copy_nodes,
   fork_nodes,
+  gather_ancestors,
   init_tree_cache,
   release_nodes,
-  tree_step,
+  step_decode,
 )
 
 __all__ = [
@@ -245,7 +250,7 @@ class _StepLoop:
   """Carry of the step-decoding while_loop over R = B * W * K rows."""
 
   t: jax.Array                # [] int32 tokens sampled so far
-  cache: TreeKVCache
+  kv: StepKV                  # parents' suffixes and the step's key/value buffer
   logits: jax.Array           # [R, V] float32 next-token logits
   hidden: jax.Array           # [R, D] state after the row's last token
   tokens: jax.Array           # [R, T] int32
@@ -254,7 +259,6 @@ class _StepLoop:
   active: jax.Array           # [R] bool still decoding
   ended: jax.Array            # [R] bool sampled a delimiter / EOS
   eos: jax.Array              # [R] bool sampled an EOS
-  failed: jax.Array           # [R] bool a write overflowed
   calls: jax.Array            # [] int32
 
 
@@ -293,32 +297,36 @@ def expand_steps(params: PolicyValueParams, rng_key: jax.Array, tree: StepTree,
   r, t_max = b * w * k, spec.max_step_tokens
   stop = jnp.asarray(spec.stop_ids + spec.eos_ids, jnp.int32)
   eos_ids = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
+  # The parents' suffixes are read from the pages once; the step's tokens go into a dense
+  # buffer and into pages once after the loop (`commit_steps`): the loop never touches the pool.
   state = _StepLoop(
-    t=jnp.zeros((), jnp.int32), cache=cache, logits=model.logits(hidden0), hidden=hidden0,
+    t=jnp.zeros((), jnp.int32),
+    kv=gather_ancestors(cache, jnp.where(valid, parents, -1), num_children=k, max_tokens=t_max),
+    logits=model.logits(hidden0), hidden=hidden0,
     tokens=jnp.full((r, t_max), spec.pad_id, jnp.int32), length=jnp.zeros((r,), jnp.int32),
     log_prob=jnp.zeros((r,), jnp.float32), active=made, ended=jnp.zeros((r,), bool),
-    eos=jnp.zeros((r,), bool), failed=jnp.zeros((r,), bool), calls=jnp.zeros((), jnp.int32))
+    eos=jnp.zeros((r,), bool), calls=jnp.zeros((), jnp.int32))
 
   def cond(s: _StepLoop):
     return (s.t < t_max) & jnp.any(s.active)
 
   def body(s: _StepLoop) -> _StepLoop:
     tok, lp, _ = sample_tokens(s.logits, jax.random.fold_in(rng_key, s.t), sampling)
-    cache, out = tree_step(graphdef, params.policy, s.cache, children, tok.reshape(b, w * k),
-                           valid=s.active.reshape(b, w * k))
-    written = out.written.reshape(-1)
-    fed = s.active & written
+    kv, out = step_decode(graphdef, params.policy, cache, s.kv, s.t, tok.reshape(b, w * k))
+    fed = s.active
     is_stop = jnp.any(tok[:, None] == stop[None, :], axis=1)
     is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)
     hidden = jnp.where(fed[:, None], out.hidden.reshape(r, -1), s.hidden)
     return _StepLoop(
-      t=s.t + 1, cache=cache, logits=out.logits.reshape(r, -1), hidden=hidden,
+      t=s.t + 1, kv=kv, logits=out.logits.reshape(r, -1), hidden=hidden,
       tokens=s.tokens.at[:, s.t].set(jnp.where(fed, tok, spec.pad_id)),
       length=s.length + fed, log_prob=s.log_prob + jnp.where(fed, lp, 0.0),
       active=fed & ~is_stop, ended=s.ended | (fed & is_stop), eos=s.eos | (fed & is_eos),
-      failed=s.failed | (s.active & ~written), calls=s.calls + 1)
+      calls=s.calls + 1)
 
   s = jax.lax.while_loop(cond, body, state)
+  cache, committed = commit_steps(cache, s.kv, children, s.length.reshape(b, w * k))
+  failed = made & ~committed.reshape(-1)
   terminal = s.eos | step_contains(s.tokens, s.length, spec.final_markers)
   flat = children.reshape(-1)
   dst = jnp.where(made, flat, tree.cache.max_nodes)
@@ -327,11 +335,11 @@ def expand_steps(params: PolicyValueParams, rng_key: jax.Array, tree: StepTree,
     return field.at[dst].set(value, mode="drop")
 
   tree = tree.replace(
-    cache=s.cache, hidden=put(tree.hidden, s.hidden.astype(tree.hidden.dtype)),
+    cache=cache, hidden=put(tree.hidden, s.hidden.astype(tree.hidden.dtype)),
     value=put(tree.value, value_fn(params.value, s.hidden)),
     log_prob=put(tree.log_prob, s.log_prob), step_tokens=put(tree.step_tokens, s.tokens),
-    terminal=put(tree.terminal, terminal & ~s.failed),
-    truncated=put(tree.truncated, ~s.ended & ~s.failed), failed=put(tree.failed, s.failed),
+    terminal=put(tree.terminal, terminal & ~failed),
+    truncated=put(tree.truncated, ~s.ended & ~failed), failed=put(tree.failed, failed),
     model_calls=tree.model_calls + s.calls)
   return tree, children.reshape(b, w, k)
 

@@ -21,7 +21,8 @@ from lm_search_fixtures import (
   tiny_policy,
 )
 
-from qstar_jax.models import apply, decode
+from qstar_jax.models import apply, decode, sample_tokens
+from qstar_jax.models.tree_cache import fork_nodes, tree_step
 from qstar_jax.search.steps.step_tree import (
   StepSpec,
   TreeCapacity,
@@ -223,3 +224,117 @@ def test_bad_capacity_is_named():
   with pytest.raises(ValueError, match="max_nodes=1"):
     TreeCapacity(max_nodes=1, num_pages=4, page_len=2, max_pages_per_node=2,
                  max_depth=2).check(2)
+
+
+def _expand_per_token(params, rng_key, tree, parents, *, graphdef, spec, sampling,
+                      num_children):
+  """Reference expansion: `expand_steps` as one `tree_step` per token, each writing its token
+  into the pages at once (the pre-buffer design); same key schedule, same rows."""
+  b, w = parents.shape
+  k, t_max = num_children, spec.max_step_tokens
+  valid = tree.expandable[parents]
+  cache, children = fork_nodes(tree.cache, parents.reshape(-1), num_children=k,
+                               valid=valid.reshape(-1))
+  children = children.reshape(b, w * k)
+  r = b * w * k
+  model = nnx.merge(graphdef, params.policy)
+  hidden = jnp.repeat(tree.hidden[parents.reshape(-1)], k, axis=0)
+  stop = jnp.asarray(spec.stop_ids + spec.eos_ids, jnp.int32)
+  eos = jnp.asarray(spec.eos_ids if spec.eos_ids else (-1,), jnp.int32)
+  made = (children >= 0).reshape(-1)
+  zeros = jnp.zeros((r,), bool)
+
+  def body(t, carry):   # rows that ended (or all, after the last step) are masked
+    cache, logits, hidden, tokens, length, log_prob, active, ended, has_eos, failed, calls = carry
+    tok, lp, _ = sample_tokens(logits, jax.random.fold_in(rng_key, t), sampling)
+    cache, out = tree_step(graphdef, params.policy, cache, children, tok.reshape(b, w * k),
+                           valid=active.reshape(b, w * k))
+    written = out.written.reshape(-1)
+    fed = active & written
+    is_stop = jnp.any(tok[:, None] == stop[None, :], axis=1)
+    return (cache, out.logits.reshape(r, -1),
+            jnp.where(fed[:, None], out.hidden.reshape(r, -1), hidden),
+            tokens.at[:, t].set(jnp.where(fed, tok, spec.pad_id)), length + fed,
+            log_prob + jnp.where(fed, lp, 0.0), fed & ~is_stop, ended | (fed & is_stop),
+            has_eos | (fed & jnp.any(tok[:, None] == eos[None, :], axis=1)),
+            failed | (active & ~written), calls + jnp.any(active).astype(jnp.int32))
+
+  carry = (cache, model.logits(hidden), hidden, jnp.full((r, t_max), spec.pad_id, jnp.int32),
+           jnp.zeros((r,), jnp.int32), jnp.zeros((r,), jnp.float32), made, zeros, zeros, zeros,
+           jnp.zeros((), jnp.int32))
+  cache, _, hidden, tokens, length, log_prob, _, ended, has_eos, failed, calls = (
+    jax.lax.fori_loop(0, t_max, body, carry))
+  terminal = has_eos | step_contains(tokens, length, spec.final_markers)
+  dst = jnp.where(made, children.reshape(-1), tree.cache.max_nodes)
+
+  def put(field, value):
+    return field.at[dst].set(value, mode="drop")
+
+  tree = tree.replace(
+    cache=cache, hidden=put(tree.hidden, hidden), value=put(tree.value,
+                                                            linear_value(params.value, hidden)),
+    log_prob=put(tree.log_prob, log_prob), step_tokens=put(tree.step_tokens, tokens),
+    terminal=put(tree.terminal, terminal & ~failed),
+    truncated=put(tree.truncated, ~ended & ~failed), failed=put(tree.failed, failed),
+    model_calls=tree.model_calls + calls)
+  return tree, children.reshape(b, w, k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "expand_fn"))
+def _expand_greedy(params, key, tree, parents, *, graphdef, spec, expand_fn):
+  return expand_fn(params, key, tree, parents, graphdef=graphdef, spec=spec, sampling=GREEDY,
+                   num_children=2)
+
+
+def test_step_buffer_matches_per_token_tree_steps(policy):
+  """The buffered expansion (pages written once per step) against one `tree_step` per token,
+  from parents of depth 0..4 of a grown tree (forks, a resample, a pruned leaf, partial pages
+  of page_len 3): same steps, states, values, node lengths, page counts and token accounting.
+  Greedy; the tiny policy's greedy token is STOP_ID, so only EOS ends a step here: 4 tokens."""
+  graphdef, params = policy
+  prompts, lengths = make_prompts([5, 9, 7], seed=1)
+  tree = _grow(params, jax.random.key(3), prompts, lengths, graphdef=graphdef,
+               capacity=_capacity(3), spec=TINY_SPEC)
+  usable, expandable = np.asarray(tree.usable), np.asarray(tree.expandable)
+  problem, depth = np.asarray(tree.cache.node_problem), np.asarray(tree.cache.node_depth)
+  length = np.asarray(tree.cache.node_length)
+  parents = np.zeros((3, 4), np.int32)
+
+  def longest(b, d, mask=expandable):   # problem b's longest node of depth d, None if none
+    nodes = np.flatnonzero(mask & (problem == b) & (depth == d))
+    return int(nodes[np.argmax(length[nodes])]) if len(nodes) else None
+
+  for b in range(3):   # per problem: the longest node of each depth 0..3 (or the root again)
+    parents[b] = [b if longest(b, d) is None else longest(b, d) for d in range(4)]
+  deepest = [b for b in range(3) if longest(b, 4, usable) is not None]
+  parents[deepest[0], 3] = longest(deepest[0], 4, usable)   # a leaf at max_depth: skipped
+  assert (length[parents[:, 1:]] % PAGE_LEN).any()   # shared partial pages: copy-on-write
+  spec = StepSpec(stop_ids=(EOS_ID,), max_step_tokens=MAX_STEP_TOKENS, pad_id=PAD_ID)
+  (new, new_children), (ref, ref_children) = (
+    _expand_greedy(params, jax.random.key(4), tree, jnp.asarray(parents), graphdef=graphdef,
+                   spec=spec, expand_fn=fn) for fn in (expand_steps, _expand_per_token))
+  np.testing.assert_array_equal(np.asarray(new_children), np.asarray(ref_children))
+  children = np.asarray(ref_children)
+  assert (depth[parents[expandable[parents]]] > 0).sum() >= 6 and not expandable[
+    parents[deepest[0], 3]]
+  assert ((children >= 0) == expandable[parents][:, :, None]).all()
+  children = children.reshape(-1)
+  children = children[children >= 0]
+  assert (np.asarray(ref.step_length)[children] == MAX_STEP_TOKENS).all()
+  for name in ("step_tokens", "step_length", "terminal", "truncated", "failed"):
+    np.testing.assert_array_equal(np.asarray(getattr(new, name))[children],
+                                  np.asarray(getattr(ref, name))[children], err_msg=name)
+  for name in ("hidden", "value", "log_prob"):
+    np.testing.assert_allclose(np.asarray(getattr(new, name))[children],
+                               np.asarray(getattr(ref, name))[children], atol=1e-5, rtol=0,
+                               err_msg=name)
+  live = np.asarray(ref.cache.node_live)
+  np.testing.assert_array_equal(np.asarray(new.cache.node_live), live)
+  for name in ("node_length", "node_start", "node_depth", "node_path"):
+    np.testing.assert_array_equal(np.asarray(getattr(new.cache, name))[live],
+                                  np.asarray(getattr(ref.cache, name))[live], err_msg=name)
+  for name in ("tokens_decoded", "tokens_prefilled", "pages_in_use", "peak_pages_in_use",
+               "overflow"):
+    np.testing.assert_array_equal(np.asarray(getattr(new.cache, name)),
+                                  np.asarray(getattr(ref.cache, name)), err_msg=name)
+  assert int(new.model_calls) == int(ref.model_calls)

@@ -170,6 +170,20 @@ def test_binary_auc_by_pair_counting():
   assert np.isnan(training.binary_auc(np.array([1.0, 2.0]), np.array([1, 1])))
 
 
+def test_within_group_auc_ranks_inside_each_group_only():
+  # Group 0 (an easy problem): its wrong sample scores highest -> AUC 0. Group 1 (a hard one):
+  # its right sample scores lowest -> AUC 0. Group 2 holds one class and is skipped. Pooled,
+  # group 0's three right samples outscore group 1's three wrong ones: 9 of 16 pairs.
+  scores = np.array([0.8, 0.7, 0.75, 0.9, 0.1, 0.2, 0.3, 0.15, 0.5, 0.6])
+  labels = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+  groups = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+  assert training.within_group_auc(scores, labels, groups) == 0.0
+  assert training.binary_auc(scores[:8], labels[:8]) == pytest.approx(9 / 16)
+  swapped = np.where(labels == 1, 1.0, 0.0)          # a perfect ranker within every group
+  assert training.within_group_auc(swapped, labels, groups) == 1.0
+  assert np.isnan(training.within_group_auc(scores, np.zeros(10), groups))
+
+
 def test_majority_answer():
   assert training.majority_answer(["1 + 1 = 2\nThe answer is 2", "The answer is 3",
                           "The answer is 2", "2 + 2 = 4"]) == "2"

@@ -86,6 +86,7 @@ __all__ = [
   "majority_answer",
   "sft_loss_fn",
   "step_end_positions",
+  "within_group_auc",
   "train_arithmetic_policy",
   "train_arithmetic_tokenizer",
 ]
@@ -370,12 +371,26 @@ def binary_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   return float(greater + 0.5 * ties)
 
 
-def _value_metrics(pred: np.ndarray, target: np.ndarray, final: np.ndarray) -> dict[str, float]:
+def within_group_auc(scores: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+  """Mean over groups (e.g. the samples of one problem) holding both classes of the group's
+  `binary_auc`: how well the scores rank one problem's correct solutions above its wrong ones,
+  which is what best-of-N and value-guided search need. A pooled AUC also rewards scores that
+  only tell easy problems from hard ones. NaN when no group holds both classes."""
+  scores, labels, groups = np.asarray(scores), np.asarray(labels).astype(bool), np.asarray(groups)
+  aucs = [binary_auc(scores[groups == g], labels[groups == g]) for g in np.unique(groups)]
+  aucs = [a for a in aucs if not np.isnan(a)]
+  return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def _value_metrics(pred: np.ndarray, target: np.ndarray, final: np.ndarray,
+                   groups: np.ndarray) -> dict[str, float]:
   correct = target > 0.5
   return {
     "mse": float(np.mean((pred - target) ** 2)),
     "auc_all_states": binary_auc(pred, correct),
     "auc_final_states": binary_auc(pred[final], correct[final]),
+    "within_problem_auc_final_states": within_group_auc(pred[final], correct[final],
+                                                        groups[final]),
     "accuracy_final_states": float(np.mean((pred[final] > 0.5) == correct[final])),
     "mean_value_correct": float(pred[correct].mean()) if correct.any() else float("nan"),
     "mean_value_wrong": float(pred[~correct].mean()) if (~correct).any() else float("nan"),
@@ -539,6 +554,7 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
     y = outcomes[rows]
     final = np.concatenate([np.arange(len(p)) == len(p) - 1 for p in positions])
     fit = rows < n_fit * m
+    problem = rows // m
     kernel, bias = fit_linear_value(x[fit], y[fit], ridge=v.ridge)
     pred = x @ kernel[:, 0].astype(np.float64) + bias[0]
     record["value_head"] = {
@@ -546,8 +562,8 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
       "temperature": v.temperature, "ridge": v.ridge, "fit_problems": n_fit,
       "heldout_problems": len(value_problems) - n_fit,
       "sample_accuracy": float(outcomes.mean()),
-      "fit": _value_metrics(pred[fit], y[fit], final[fit]),
-      "heldout": _value_metrics(pred[~fit], y[~fit], final[~fit]),
+      "fit": _value_metrics(pred[fit], y[fit], final[fit], problem[fit]),
+      "heldout": _value_metrics(pred[~fit], y[~fit], final[~fit], problem[~fit]),
     }
     print(f"value head held out: {record['value_head']['heldout']}", flush=True)
 

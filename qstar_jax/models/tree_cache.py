@@ -27,6 +27,13 @@ Attention (cascade inference, FlashInfer / Hydragen). A decode step for rows `no
 dense batched matmul, and each row attends its own suffix through its page table (a gather).
 Each part gives a partial softmax (max m_i, sum l_i, unnormalised output a_i); the exact
 result is (a_1 e^{m_1-m} + a_2 e^{m_2-m}) / (l_1 e^{m_1-m} + l_2 e^{m_2-m}), m = max(m_1, m_2).
+
+Step decoding. `tree_step` writes each token into the pages as it goes. A search that decodes a
+whole step of up to T tokens for K children of W parents uses the step-level path instead:
+`gather_ancestors` reads the parents' suffixes from the pages once, `step_decode` runs one
+token of every row into a dense per-step buffer (attending prompt, parent suffix and buffer:
+three partial softmaxes), and `commit_steps` writes the finished steps into fresh pages once
+(one allocation, one scatter). The token loop then never reads or writes the page pool.
 """
 
 from __future__ import annotations

@@ -204,48 +204,6 @@ def test_sft_weights_cover_the_solution_and_eos(policy):
     training.encode_sft_examples(tok, [(prompt, solution, False)], seq_len=8)
 
 
-def test_step_labels_mark_each_line_end_with_prefix_validity(policy):
-  tok = policy.tokenizer
-  problem = arithmetic.generate_problems(5, 1, split="train")[0]
-  bad = arithmetic.inject_wrong_step(problem, seed=5, step=1)
-  examples = [(arithmetic.policy_prompt(problem.question), problem.solution, False),
-              (arithmetic.policy_prompt(problem.question), bad.solution, True)]
-  tokens, _ = training.encode_sft_examples(tok, examples, seq_len=144)
-  mask, labels = training.encode_step_labels(tok, examples, [problem, problem], seq_len=144)
-  n_lines = problem.num_steps + 1
-  for row, solution in enumerate((problem.solution, bad.solution)):
-    ends = np.flatnonzero(mask[row])
-    # The marked inputs are the solution's newlines, then EOS: one per line.
-    assert len(ends) == n_lines == len(solution.split("\n"))
-    assert [int(t) for t in tokens[row, ends]] == [policy.newline_id] * (n_lines - 1) + [2]
-  assert labels[0][mask[0] > 0].tolist() == [1.0] * n_lines
-  # Line 0 is right; line 1 is the wrong one, and every prefix holding it is invalid.
-  assert labels[1][mask[1] > 0].tolist() == [1.0] + [0.0] * (n_lines - 1)
-
-
-def test_sft_aux_loss_matches_a_numpy_reference(policy):
-  tok = policy.tokenizer
-  problems = arithmetic.generate_problems(6, 2, split="train")
-  examples = training.build_sft_texts(problems, corrupt_fraction=0.5, seed=6)
-  tokens, weights = training.encode_sft_examples(tok, examples, seq_len=96)
-  mask, labels = training.encode_step_labels(tok, examples, problems, seq_len=96)
-  rng = np.random.default_rng(0)
-  head = {"kernel": rng.normal(size=(policy.model_config.hidden_size, 1)).astype(np.float32),
-          "bias": np.array([0.3], np.float32)}
-  batch = {"tokens": tokens, "weights": weights, "aux_mask": mask, "aux_labels": labels}
-  loss, aux = training.sft_aux_loss_fn(policy.graphdef, aux_weight=0.5)(
-    {"policy": policy.params, "aux": head}, batch)
-  hidden = np.asarray(apply_hidden(policy.graphdef, policy.params, tokens[:, :-1])[0],
-                      np.float64)
-  sft, _ = training.sft_loss_fn(policy.graphdef)(policy.params, batch)
-  p = 1 / (1 + np.exp(-(hidden @ head["kernel"][:, 0].astype(np.float64) + 0.3)))
-  bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
-  step = (bce * mask).sum() / mask.sum()
-  np.testing.assert_allclose(float(aux["step_bce"]), step, rtol=1e-5)
-  np.testing.assert_allclose(float(aux["sft_nll"]), float(sft), rtol=1e-5)
-  np.testing.assert_allclose(float(loss), float(sft) + 0.5 * step, rtol=1e-5)
-
-
 def test_sft_corpus_corrupts_the_requested_share():
   problems = arithmetic.generate_problems(3, 40)
   examples = training.build_sft_texts(problems, corrupt_fraction=0.25, seed=3)
@@ -276,9 +234,8 @@ def test_length_grouped_batches_cover_their_rows_and_resume():
     seen += rows.tolist()
   assert len(set(seen[:200])) == 200  # the first epoch visits every row once
   resumed = next(training.length_grouped_batches(tokens, weights, batch_size=8, seed=1,
-                                                 start_step=27, extra={"double": 2 * weights}))
+                                                 start_step=27))
   np.testing.assert_array_equal(resumed["tokens"], batches[27]["tokens"])
-  np.testing.assert_array_equal(resumed["double"], 2 * resumed["weights"])
 
 
 @pytest.mark.slow

@@ -13,14 +13,7 @@ Pipeline (`train_arithmetic_policy`):
    `training.lm` restricted to the solution tokens (EOS included):
    ``L = sum_{b,t} w_bt * nll_bt / sum_{b,t} w_bt`` with ``w_bt = 1`` where token ``t + 1`` of
    row ``b`` belongs to the solution. Batches group examples of similar length
-   (`length_grouped_batches`), so little compute goes to padding. With ``aux_weight > 0`` the
-   trunk also learns to notice a wrong step (`sft_aux_loss_fn`): a linear head on the hidden
-   state at the end of each solution line predicts whether every line so far is valid
-   (``check_steps``), by binary cross-entropy, on the SFT examples and on ``aux_examples``
-   extra corrupted solutions whose tokens carry no SFT loss (so the policy does not learn to
-   make more mistakes). This head is dropped afterwards; it shapes the hidden states the value
-   head of step 5 reads, which otherwise tell easy problems from hard ones but not a right
-   solution from a wrong one of the same problem.
+   (`length_grouped_batches`), so little compute goes to padding.
 4. **Evaluation**: greedy accuracy (``arithmetic_reward``) on ``num_test_problems`` problems of
    the test split (``generate_problems(seed, N, split="test")``), batched `models.decode` with a
    fixed batch and prompt width (one compilation; the first ``slice_problems`` form the first
@@ -31,8 +24,7 @@ Pipeline (`train_arithmetic_policy`):
    after every newline of the solution and at its end (EOS, or the last token of a cut-off
    solution) is regressed onto the outcome (Monte Carlo return, gamma = 1) by ridge-regularised
    least squares (the exact minimiser of the MSE + ``ridge * |w|^2``), fitted on a share of the
-   problems and evaluated (MSE, AUC, accuracy at threshold 0.5, and the within-problem AUC
-   that best-of-N and value-guided search depend on) on the held-out rest.
+   problems and evaluated (MSE, AUC, accuracy at threshold 0.5) on the held-out rest.
 6. **Artifacts**: `models.save_arithmetic_policy` writes the folder.
 """
 
@@ -55,13 +47,11 @@ from qstar_jax.envs.arithmetic import (
   ArithmeticConfig,
   ArithmeticProblem,
   arithmetic_reward,
-  check_steps,
   generate_problems,
   inject_wrong_step,
   policy_prompt,
 )
 from qstar_jax.envs.grading import answers_match, stated_answer
-from qstar_jax.losses.lm import token_nll
 from qstar_jax.models.arithmetic_policy import (
   ARITHMETIC_POLICY_FILES,
   default_arithmetic_policy_dir,
@@ -69,7 +59,7 @@ from qstar_jax.models.arithmetic_policy import (
 )
 from qstar_jax.models.config import LlamaConfig
 from qstar_jax.models.decoding import decode
-from qstar_jax.models.llama import apply_hidden, apply_logits, init_llama
+from qstar_jax.models.llama import apply_hidden, init_llama
 from qstar_jax.models.params import count_params
 from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from qstar_jax.search.steps.result import vote
@@ -88,14 +78,12 @@ __all__ = [
   "binary_auc",
   "build_sft_texts",
   "encode_sft_examples",
-  "encode_step_labels",
   "fit_linear_value",
   "generate_solutions",
   "greedy_accuracy",
   "install_arithmetic_policy",
   "length_grouped_batches",
   "majority_answer",
-  "sft_aux_loss_fn",
   "sft_loss_fn",
   "step_end_positions",
   "within_group_auc",
@@ -134,8 +122,6 @@ class SFTDataConfig:
   seq_len: int = 144              # tokens per example (BOS ... EOS, right-padded)
   batch_size: int = 32
   eval_problems: int = 256        # test-split reference solutions for the eval loss
-  aux_examples: int = 0           # extra corrupted solutions for the step-validity loss only
-  aux_weight: float = 0.0         # weight of the step-validity loss (0: plain SFT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,71 +219,16 @@ def sft_loss_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, dict]]
   return loss_fn
 
 
-def encode_step_labels(tokenizer: Any, examples: Sequence[tuple[str, str, bool]],
-                       problems: Sequence[ArithmeticProblem], *, seq_len: int
-                       ) -> tuple[np.ndarray, np.ndarray]:
-  """``(mask, labels)`` float32 ``[N, seq_len - 1]`` aligned with `encode_sft_examples`'s
-  inputs: at the position of the token ending each solution line (its newline; EOS for the
-  last line) ``mask = 1`` and ``labels = 1`` when that line and every line before it are valid
-  (``check_steps``), else 0. A position ``seq_len - 1`` (an EOS filling the row) is dropped."""
-  mask = np.zeros((len(examples), seq_len - 1), np.float32)
-  labels = np.zeros((len(examples), seq_len - 1), np.float32)
-  newline = tokenizer.encode(NEWLINE)[0]
-  for i, ((prompt, solution, _), problem) in enumerate(zip(examples, problems, strict=True)):
-    start = 1 + len(tokenizer.encode(prompt))
-    ids = tokenizer.encode(solution)
-    ends = [start + j for j, t in enumerate(ids) if t == newline] + [start + len(ids)]
-    valid = np.cumprod(check_steps(solution, problem)).astype(bool)
-    if len(ends) != len(valid):
-      raise ValueError(f"example {i}: {len(ends)} line ends in the tokens but "
-                       f"{len(valid)} lines in {solution!r}")
-    for end, ok in zip(ends, valid, strict=True):
-      if end < seq_len - 1:
-        mask[i, end], labels[i, end] = 1.0, float(ok)
-  return mask, labels
-
-
-def sft_aux_loss_fn(graphdef: nnx.GraphDef, *,
-                    aux_weight: float) -> Callable[..., tuple[jax.Array, dict]]:
-  """``fn({"policy", "aux": {"kernel" [D, 1], "bias" [1]}}, batch, rng_key=None) -> (L, aux)``.
-
-  ``L = sum w * nll / max(sum w, 1) + aux_weight * sum m * bce / max(sum m, 1)`` with ``nll``
-  the next-token loss of the batch's ``tokens`` [B, T + 1] weighted by ``weights`` [B, T], and
-  ``bce`` the binary cross-entropy of ``sigmoid(h_t . kernel + bias)`` (``h_t`` the
-  final-normed hidden state at input position t, one forward for both terms) against
-  ``aux_labels`` [B, T] where ``aux_mask`` [B, T] is 1. ``aux``: ``sft_nll``, ``step_bce``.
-  """
-
-  def loss_fn(params: Any, batch: dict[str, jax.Array], rng_key: jax.Array | None = None):
-    del rng_key
-    tokens = batch["tokens"]
-    hidden, _ = apply_hidden(graphdef, params["policy"], tokens[:, :-1])
-    nll = token_nll(apply_logits(graphdef, params["policy"], hidden), tokens[:, 1:])
-    w, m = batch["weights"], batch["aux_mask"]
-    sft = (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
-    head = params["aux"]
-    z = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), head["kernel"][:, 0]) + head["bias"][0]
-    y = batch["aux_labels"]
-    bce = jnp.logaddexp(0.0, z) - y * z                      # -log sigmoid(z)^y (1-sigmoid)^(1-y)
-    step = (bce * m).sum() / jnp.maximum(m.sum(), 1.0)
-    return sft + aux_weight * step, {"sft_nll": sft, "step_bce": step}
-
-  return loss_fn
-
-
 def length_grouped_batches(tokens: np.ndarray, weights: np.ndarray, *, batch_size: int,
                            seed: int, start_step: int = 0, width_multiple: int = 16,
-                           group_batches: int = 64,
-                           extra: dict[str, np.ndarray] | None = None
-                           ) -> Iterator[dict[str, np.ndarray]]:
+                           group_batches: int = 64) -> Iterator[dict[str, np.ndarray]]:
   """Batches ``start_step, start_step + 1, ...`` (endless) of examples of similar length.
 
   Each epoch is a seeded permutation cut into groups of ``group_batches`` batches; a group is
   sorted by length and split into batches, and the epoch's batches are shuffled. A batch keeps
   the columns up to its longest example rounded up to ``width_multiple`` (plus the window's
   extra token), so padding costs little compute and only a few widths (compilations) occur.
-  Deterministic in ``(seed, step)``: a resumed run sees the same batches. ``extra`` arrays
-  ``[N, T - 1]`` (aligned with ``weights``) are cut like ``weights`` into the same batch keys.
+  Deterministic in ``(seed, step)``: a resumed run sees the same batches.
   """
   lengths = (tokens != PAD_ID).sum(1)
   per_epoch = len(tokens) // batch_size
@@ -320,8 +251,7 @@ def length_grouped_batches(tokens: np.ndarray, weights: np.ndarray, *, batch_siz
     rows = order[step % per_epoch]
     width = -(-int(lengths[rows].max() - 1) // width_multiple) * width_multiple
     width = min(width, tokens.shape[1] - 1)
-    yield {"tokens": tokens[rows, :width + 1], "weights": weights[rows, :width],
-           **{k: v[rows, :width] for k, v in (extra or {}).items()}}
+    yield {"tokens": tokens[rows, :width + 1], "weights": weights[rows, :width]}
     step += 1
 
 
@@ -529,13 +459,10 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
   out.mkdir(parents=True, exist_ok=True)
   d, e, v = cfg.data, cfg.eval, cfg.value
   with timer.phase("data"):
-    train_problems = generate_problems(
-      cfg.seed, d.num_train_problems + v.num_problems + d.aux_examples, split="train",
-      config=cfg.task)
-    n_sft, n_value = d.num_train_problems, v.num_problems
-    sft_problems, value_problems, aux_problems = (
-      train_problems[:n_sft], train_problems[n_sft:n_sft + n_value],
-      train_problems[n_sft + n_value:])
+    train_problems = generate_problems(cfg.seed, d.num_train_problems + v.num_problems,
+                                       split="train", config=cfg.task)
+    sft_problems, value_problems = (train_problems[:d.num_train_problems],
+                                    train_problems[d.num_train_problems:])
     test_problems = generate_problems(cfg.seed, e.num_test_problems, split="test",
                                       config=cfg.task)
     tok = _tokenizer(out, cfg, sft_problems)
@@ -545,19 +472,6 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
     eval_examples = build_sft_texts(test_problems[:d.eval_problems], corrupt_fraction=0.0,
                                     seed=cfg.seed)
     eval_tokens, eval_weights = encode_sft_examples(tok, eval_examples, seq_len=d.seq_len)
-    extra, eval_extra = None, {}
-    if d.aux_weight > 0:
-      # Step-validity labels of the SFT examples and of extra corrupted solutions that carry
-      # no next-token loss (weights 0).
-      aux_examples = build_sft_texts(aux_problems, corrupt_fraction=1.0, seed=cfg.seed + 1)
-      aux_tokens, _ = encode_sft_examples(tok, aux_examples, seq_len=d.seq_len)
-      labels = [encode_step_labels(tok, ex, pr, seq_len=d.seq_len)
-                for ex, pr in ((examples, sft_problems), (aux_examples, aux_problems))]
-      tokens = np.concatenate([tokens, aux_tokens])
-      weights = np.concatenate([weights, np.zeros(aux_tokens[:, 1:].shape, np.float32)])
-      extra = {"aux_mask": np.concatenate([lab[0] for lab in labels]),
-               "aux_labels": np.concatenate([lab[1] for lab in labels])}
-      eval_extra = {k: np.zeros_like(eval_weights) for k in extra}
   newline_id = tok.encode(NEWLINE)[0]
 
   model = init_llama(cfg.model.llama_config(vocab_size=tok.vocab_size,
@@ -565,33 +479,25 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
   graphdef, params = nnx.split(model)
   num_steps = cfg.loop.num_steps
   bsz = d.batch_size
-  loss_fn = sft_loss_fn(graphdef)
-  if extra is not None:
-    loss_fn = sft_aux_loss_fn(graphdef, aux_weight=d.aux_weight)
-    d_model = cfg.model.hidden_size
-    params = {"policy": params, "aux": {"kernel": jnp.zeros((d_model, 1), jnp.float32),
-                                        "bias": jnp.zeros((1,), jnp.float32)}}
 
   def train_batches(start: int):
     return length_grouped_batches(tokens, weights, batch_size=bsz, seed=cfg.seed,
-                                  start_step=start, extra=extra)
+                                  start_step=start)
 
   def eval_batches():
-    return ({"tokens": eval_tokens[i:i + bsz], "weights": eval_weights[i:i + bsz],
-             **{k: a[i:i + bsz] for k, a in eval_extra.items()}}
+    return ({"tokens": eval_tokens[i:i + bsz], "weights": eval_weights[i:i + bsz]}
             for i in range(0, len(eval_tokens) - bsz + 1, bsz))
 
-  print(f"arithmetic policy: {count_params(nnx.split(model)[1]):,} params, vocab {tok.vocab_size}, "
-        f"{len(examples)} SFT examples ({d.corrupt_fraction:.0%} corrupted), "
-        f"{len(tokens) - len(examples)} step-validity-only examples, {num_steps} steps "
+  print(f"arithmetic policy: {count_params(params):,} params, vocab {tok.vocab_size}, "
+        f"{len(examples)} SFT examples ({d.corrupt_fraction:.0%} corrupted), {num_steps} steps "
         f"x {bsz}", flush=True)
   result = train(
-    loss_fn, params, optimizer=make_optimizer(cfg.optim, total_steps=num_steps),
+    sft_loss_fn(graphdef), params, optimizer=make_optimizer(cfg.optim, total_steps=num_steps),
     train_batches=train_batches, config=cfg.loop, out_dir=out,
     run_config=config_to_dict(cfg), eval_batches=eval_batches if len(eval_tokens) >= bsz
     else None, lr_fn=lr_schedule(cfg.optim, total_steps=num_steps),
     show_progress=show_progress, ignore_config_keys=("out", "install"))
-  params = result.params if extra is None else result.params["policy"]
+  params = result.params
 
   with timer.phase("greedy"):
     accuracy, rewards = greedy_accuracy(
@@ -681,8 +587,6 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
     "train": {"steps": result.step, "last_train_loss": result.last_train_loss,
               "eval_history": [{"step": s, **mm} for s, mm in result.eval_history],
               "corrupt_fraction": d.corrupt_fraction, "num_train_problems": len(sft_problems),
-              "aux_examples": len(aux_problems) if extra is not None else 0,
-              "aux_weight": d.aux_weight,
               "steps_per_s": result.steps_per_s},
     "config": config_to_dict(cfg),
   }

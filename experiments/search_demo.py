@@ -46,7 +46,8 @@ class SearchDemoConfig:
   gsm8k_index: int = 0
   gsm8k_model: str = "smollm2"
   gsm8k_budget: SearchBudget = SearchBudget(mcts_actions=2, mcts_simulations=2, temperature=0.7,
-                                            max_depth=8)
+                                            max_depth=4)
+  gsm8k_step_tokens: int = 32
   seed: int = 0
   out: str | None = None
 
@@ -82,7 +83,7 @@ def gsm8k_tree(cfg: SearchDemoConfig) -> dict[str, Any]:
   """MCTS on one GSM8K question with SmolLM2; prints the tree and the answer."""
   budget = cfg.gsm8k_budget
   task = gsm8k_task(Gsm8kTask(model=cfg.gsm8k_model, n_problems=cfg.gsm8k_index + 1, batch=1,
-                              max_depth=budget.max_depth))
+                              max_depth=budget.max_depth, max_step_tokens=cfg.gsm8k_step_tokens))
   i = cfg.gsm8k_index
   print(f"\nGSM8K test #{i} with {cfg.gsm8k_model} (MCTS, {budget.mcts_actions} candidate "
         f"steps per node, {budget.mcts_simulations} simulations per step):\n  {task.questions[i]}")

@@ -109,7 +109,8 @@ __all__ += ["count_params", "param_bytes", "quantized_param_count", "QuantizedDe
 from qstar_jax.models import tree_cache  # noqa: E402
 from qstar_jax.models.tree_cache import TreeKVCache, TreeStep, init_tree_cache, tree_step  # noqa: E402
 
-# fork_nodes, release_nodes, copy_nodes and cascade_attention: `models.tree_cache.<name>`.
+# fork_nodes, release_nodes, copy_nodes, cascade_attention and the step-level path
+# (StepKV, gather_ancestors, step_decode, commit_steps): `models.tree_cache.<name>`.
 __all__ += ["tree_cache", "TreeKVCache", "TreeStep", "init_tree_cache", "tree_step"]
 
 from qstar_jax.models.arithmetic_policy import (  # noqa: E402

@@ -179,6 +179,9 @@ def test_root_q_values_are_the_candidates_values_by_flat_forward(tiny):
   (dict(prompt_lengths=jnp.asarray([5, 0, 3], jnp.int32)), r"prompt lengths \[0\]"),
   (dict(prompt_tokens=jnp.ones((B, 300), jnp.int32),
         prompt_lengths=jnp.asarray([5, 300, 3], jnp.int32)), "max_seq_len 256"),
+  (dict(prompt_tokens=jnp.ones((B, 250), jnp.int32),          # fits, but not with its steps
+        prompt_lengths=jnp.asarray([5, 250, 3], jnp.int32)),
+   r"prompt of 250 tokens \+ max_depth=\d+ steps .* expected <= the model's max_seq_len 256"),
 ])
 def test_bad_input_raises_before_jit(tiny, overrides, message):
   before = lm_mcts._search._cache_size()

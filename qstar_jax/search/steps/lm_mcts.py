@@ -178,6 +178,11 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
   if bad:
     raise ValueError(f"prompt lengths {bad}: expected 1..{limit} (prompt width {width}, the "
                      f"model's max_seq_len {max_seq_len})")
+  longest = int(lengths.max()) + max_depth * spec.max_step_tokens
+  if longest > max_seq_len:
+    raise ValueError(f"prompt of {int(lengths.max())} tokens + max_depth={max_depth} steps of "
+                     f"up to {spec.max_step_tokens} tokens = {longest} tokens: expected <= the "
+                     f"model's max_seq_len {max_seq_len}")
   if capacity is None:
     per_decision = num_actions * (num_simulations + 1)
     if value_source == "rollout":

@@ -407,6 +407,8 @@ def test_majority_and_weighted_majority_by_hand():
   assert ls.weighted_majority_answer(solutions) == "5"         # 0.95 to 0.4
   assert ls.weighted_majority_answer(solutions, [1, 0, 1, 0, 0, 0]) == "3"
   assert ls.weighted_majority_answer(solutions[:2] + [_solution("7", float("-inf"))]) == "5"
+  with pytest.raises(ValueError, match="weight -0.5 of solution 1: expected weights >= 0"):
+    ls.weighted_majority_answer(solutions[:2], [1.0, -0.5])
   assert ls.majority_answer([_solution(None, 1.0)]) is None
   with pytest.raises(ValueError, match="2 solutions but 1 weights"):
     ls.weighted_majority_answer(solutions[:2], [1.0])

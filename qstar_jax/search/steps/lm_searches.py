@@ -686,8 +686,13 @@ def weighted_majority_answer(solutions: Sequence[Solution],
                              weights: Sequence[float] | None = None) -> str | None:
   """The answer with the largest total weight (Qwen2.5-Math rm@N style weighted majority).
 
-  weights: one per solution; default each solution's `score` (its value, or a particle's
-  weight). Solutions with a non-finite weight (failed nodes) do not vote.
+  weights: one per solution, >= 0 (a vote cannot count against an answer); default each
+  solution's `score` (its value, or a particle's weight). Solutions with a non-finite weight
+  (failed nodes) do not vote. A value head whose values can be negative (the linear one) needs
+  mapping first, e.g. `[max(s.score, 0.0) for s in solutions]`.
+
+  Raises:
+    ValueError: a count mismatch or a negative finite weight (named with its index).
   """
   if weights is None:
     weights = [s.score for s in solutions]
@@ -696,6 +701,11 @@ def weighted_majority_answer(solutions: Sequence[Solution],
                      "weights")
   kept = [(s.answer, float(w)) for s, w in zip(solutions, weights, strict=True)
           if math.isfinite(float(w))]
+  negative = [(i, float(w)) for i, w in enumerate(weights)
+              if math.isfinite(float(w)) and float(w) < 0]
+  if negative:
+    raise ValueError(f"weighted_majority_answer: weight {negative[0][1]} of solution "
+                     f"{negative[0][0]}: expected weights >= 0")
   return vote([a for a, _ in kept], [w for _, w in kept])
 
 

@@ -105,7 +105,8 @@ def implied_reward(policy_log_probs: jax.Array, reference_log_probs: jax.Array,
     ['0.0200']
 
   References: Rafailov et al., "Direct preference optimization" (2023), eq. 5; Zhai et al.,
-  "Enhancing decision-making for LLM agents via step-level Q-value models" (2024), Section 3.3.
+  "Enhancing decision-making for LLM agents via step-level Q-value models" (2024), the
+  Q-value model and Q-guided action selection.
   """
   beta = check_coefficient("beta", beta)
   check_log_probs("implied_reward", policy_log_probs, reference_log_probs, mask)
@@ -164,7 +165,7 @@ def dpo_loss(policy_chosen_log_probs: jax.Array, reference_chosen_log_probs: jax
     ['0.4133']
 
   References: Rafailov et al., "Direct preference optimization" (2023), eq. 7; Mitchell, "A note
-  on DPO with noisy preferences" (2023, conservative DPO); Zhai et al. (2024), eq. 6.
+  on DPO with noisy preferences" (2023, conservative DPO); Zhai et al. (2024), step-level DPO.
   """
   beta = check_coefficient("beta", beta)
   eps = check_coefficient("label_smoothing", label_smoothing, maximum=0.5, include_minimum=True)

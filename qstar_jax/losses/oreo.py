@@ -18,7 +18,7 @@ estimates it from the taken actions only (`k3_kl`). Reference inputs get no grad
 (``stop_gradient``: the reference model is frozen). Math is float32; per-example ``[B]`` results.
 
 References: Wang et al., "Offline reinforcement learning for LLM multi-step reasoning" (OREO,
-2024), eqs. 8-11 (soft Bellman equation, value loss, policy loss, step-level variant).
+2024): the soft Bellman equation, the value and policy objectives and the step-level variant.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from qstar_jax.losses.dpo import check_coefficient, check_log_probs
 __all__ = ["BETA", "STEP_ALPHA", "TOKEN_ALPHA", "exact_kl", "k3_kl", "oreo_policy_loss",
            "oreo_value_loss", "step_log_probs"]
 
-BETA = 0.03  # OREO's KL coefficient (Section 5.1).
+BETA = 0.03  # OREO's KL coefficient (the paper's default).
 TOKEN_ALPHA = 0.01  # weight of the policy loss's KL regulariser, token-level actions.
 STEP_ALPHA = 0.1  # the same for step-level actions.
 
@@ -129,7 +129,7 @@ def oreo_value_loss(values: jax.Array, policy_log_probs: jax.Array,
     ...                 jnp.array([[True, True]]), beta=0.5)
     Array([0.25], dtype=float32)
 
-  References: Wang et al. (OREO, 2024), eq. 9.
+  References: Wang et al. (OREO, 2024), the value objective.
   """
   beta = check_coefficient("beta", beta)
   _check_inputs("oreo_value_loss", values, policy_log_probs, reference_log_probs, rewards, mask)
@@ -233,7 +233,7 @@ def oreo_policy_loss(values: jax.Array, policy_log_probs: jax.Array,
     >>> [f"{v:.4f}" for v in oreo_policy_loss(*args, beta=0.5, alpha=0.1)]
     ['0.3252']
 
-  References: Wang et al. (OREO, 2024), eq. 10 and the step-level variant of Section 4.
+  References: Wang et al. (OREO, 2024), the policy objective and its step-level variant.
   """
   beta = check_coefficient("beta", beta)
   alpha = check_coefficient("alpha", alpha, include_minimum=True)

@@ -21,7 +21,7 @@ from qstar_jax.losses.dpo import check_coefficient, check_log_probs, implied_rew
 __all__ = ["PRIME_BETA", "implicit_prm_loss", "implicit_process_rewards",
            "value_regression_loss"]
 
-PRIME_BETA = 0.05  # PRIME's implicit-PRM coefficient (Section 3 of the paper).
+PRIME_BETA = 0.05  # PRIME's implicit-PRM coefficient (its default configuration).
 
 
 def implicit_process_rewards(policy_log_probs: jax.Array, reference_log_probs: jax.Array,
@@ -38,8 +38,8 @@ def implicit_process_rewards(policy_log_probs: jax.Array, reference_log_probs: j
     >>> [f"{v:.4f}" for v in r[0]]
     ['0.0500', '0.0000']
 
-  References: Yuan et al., "Free process rewards without process labels" (2024), eq. 3; Cui et
-  al., "Process reinforcement through implicit rewards" (PRIME, 2025), eq. 5.
+  References: Yuan et al., "Free process rewards without process labels" (2024); Cui et al.,
+  "Process reinforcement through implicit rewards" (PRIME, 2025), the implicit process reward.
   """
   beta = check_coefficient("beta", beta)
   check_log_probs("implicit_process_rewards", policy_log_probs, reference_log_probs, mask)
@@ -72,7 +72,7 @@ def implicit_prm_loss(policy_log_probs: jax.Array, reference_log_probs: jax.Arra
     >>> [f"{v:.4f}" for v in implicit_prm_loss(lp, ref, m, jnp.array([1.0, 0.0]), beta=0.05)]
     ['0.3133', '1.3133']
 
-  References: PRIME (Cui et al., 2025), eq. 4 (cross-entropy on the outcome).
+  References: PRIME (Cui et al., 2025), the implicit PRM's cross-entropy on the outcome.
   """
   z = implied_reward(policy_log_probs, reference_log_probs, mask, beta=beta)
   if jnp.shape(labels) != jnp.shape(z):
@@ -105,7 +105,7 @@ def value_regression_loss(raw_values: jax.Array, targets: jax.Array, mask: jax.A
     ['0.2500']
 
   References: Chen et al., "AlphaMath almost zero: process supervision without process"
-  (2024), eq. 5.
+  (2024), the value head's MSE to the MCTS Q estimates.
   """
   shapes = (jnp.shape(raw_values), jnp.shape(targets), jnp.shape(mask))
   if len(shapes[0]) != 2 or len(set(shapes)) != 1:

@@ -3,6 +3,7 @@ finite differences, and the exact soft-optimal policy/value pair of a small tree
 
 from __future__ import annotations
 
+import doctest
 import itertools
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qstar_jax.losses import dpo as dpo_module
 from qstar_jax.losses import (
   dpo_loss,
   exact_kl,
@@ -22,6 +24,8 @@ from qstar_jax.losses import (
   step_log_probs,
   value_regression_loss,
 )
+from qstar_jax.losses import oreo as oreo_module
+from qstar_jax.losses import prm as prm_module
 from qstar_jax.losses.oreo import BETA, STEP_ALPHA, TOKEN_ALPHA
 
 
@@ -469,3 +473,12 @@ def test_bad_input_raises_before_tracing():
     jax.jit(lambda x: implied_reward(x, x, mask, beta=0))(lp)
   with pytest.raises(TypeError, match="beta is a traced array"):
     jax.jit(lambda x, b: implied_reward(x, x, mask, beta=b))(lp, 0.1)
+
+
+@pytest.mark.parametrize("module", [dpo_module, oreo_module, prm_module],
+                         ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+  """The formula docstrings' examples run and print what they show (pytest does not collect
+  doctests in this project)."""
+  result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0 and result.failed == 0, result

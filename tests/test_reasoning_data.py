@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -24,7 +25,16 @@ from qstar_jax.data.reasoning import (
   trajectory_batches,
   write_jsonl,
 )
+from qstar_jax.envs import arithmetic
 from qstar_jax.losses import step_log_probs, token_log_probs
+from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
+from qstar_jax.training.arithmetic_policy import (
+  BOS_ID,
+  EOS_ID,
+  generate_solutions,
+  solution_text,
+)
+from qstar_jax.training.reasoning_data import sample_trajectories, trajectories_from_generations
 
 PAD = 3
 PROMPT = [1, 30, 31]
@@ -228,3 +238,56 @@ def test_iterators_deterministic_and_resumable(backend):
   _assert_same(once[1:], list(pair_batches(pairs, batch_size=2, seed=0, pad_id=PAD,
                                            start_step=1, num_steps=3, backend=backend)))
   assert {b.chosen_tokens.shape for b in once} == {(2, 16)}
+
+
+class CharTokenizer:
+  """Characters as ids ``ord(c) + 10`` (clear of BOS/EOS/PAD = 1/2/3)."""
+
+  def encode(self, text):
+    return [ord(c) + 10 for c in text]
+
+  def decode(self, ids):
+    return "".join(chr(i - 10) for i in ids)
+
+
+def test_trajectories_from_generations_split_and_score():
+  problem = arithmetic.generate_problem(0, 0)
+  tok = CharTokenizer()
+  newline = tok.encode("\n")[0]
+  right = tok.encode(problem.solution) + [EOS_ID]
+  wrong = tok.encode("1 + 1 = 2\nI do not know.")          # cut off: no EOS
+  trajs = trajectories_from_generations(
+    [[BOS_ID, 40], [BOS_ID, 40]], [right, wrong], [problem, problem], tokenizer=tok,
+    stop_ids=[newline, EOS_ID], sample_keys=[(0, 0), (0, 1)])
+  lines = problem.solution.split("\n")
+  assert [t.reward for t in trajs] == [1.0, 0.0]
+  assert trajs[0].step_texts == tuple([line + "\n" for line in lines[:-1]] + [lines[-1]])
+  assert trajs[0].steps[-1][-1] == EOS_ID and trajs[0].ids == (BOS_ID, 40, *right)
+  assert trajs[1].step_texts == ("1 + 1 = 2\n", "I do not know.")
+  assert trajs[1].problem["sample_index"] == 1
+  assert trajs[1].problem["problem"]["answer"] == problem.answer
+  json.dumps(trajs[0].to_json())                                  # metadata serialisable
+  with pytest.raises(ValueError, match="expected one of each per sample"):
+    trajectories_from_generations([[1]], [right, wrong], [problem] * 2, tokenizer=tok,
+                                  stop_ids=[newline])
+
+
+def test_sample_trajectories_with_the_committed_policy():  # ~4 s: one decode compilation
+  policy = load_arithmetic_policy()
+  problems = arithmetic.generate_problems(0, 2, split="test")
+  rng = jax.random.key(3)
+  kw = dict(max_new_tokens=48, batch_size=4, prompt_width=64)
+  trajs = sample_trajectories(policy.graphdef, policy.params, rng, problems=problems,
+                              tokenizer=policy.tokenizer, num_samples=2,
+                              stop_ids=policy.step_stop_ids, **kw)
+  prompts = [policy.prompt_ids(arithmetic.policy_prompt(p.question))
+             for p in problems for _ in range(2)]
+  gens = generate_solutions(policy.graphdef, policy.params, rng, prompt_ids=prompts,
+                            greedy=False, **kw)
+  assert [t.ids for t in trajs] == [tuple(p + g) for p, g in zip(prompts, gens, strict=True)]
+  want = [arithmetic.arithmetic_reward(solution_text(policy.tokenizer, g), problems[i // 2])
+          for i, g in enumerate(gens)]
+  assert [t.reward for t in trajs] == want
+  assert [(t.problem["problem_index"], t.problem["sample_index"]) for t in trajs] == [
+    (0, 0), (0, 1), (1, 0), (1, 1)]
+  assert all(s[-1] in policy.step_stop_ids for t in trajs for s in t.steps[:-1])

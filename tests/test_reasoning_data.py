@@ -110,6 +110,10 @@ def test_pairs_bad_input():
   broken["depths"][1]["parent"] = 4
   with pytest.raises(ValueError, match=r"record 0 depth 1: parent 4 is not the trajectory's"):
     preference_pairs_from_annotations([broken], prompt_ids=[PROMPT])
+  no_ids = annotation()
+  del no_ids["depths"][0]["siblings"][1]["ids"]
+  with pytest.raises(ValueError, match=r"record 0 depth 0 sibling record has no 'ids'"):
+    preference_pairs_from_annotations([no_ids], prompt_ids=[PROMPT])
   with pytest.raises(ValueError, match="min_q_gap"):
     preference_pairs_from_annotations([annotation()], prompt_ids=[PROMPT], min_q_gap=-1)
 

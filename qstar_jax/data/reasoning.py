@@ -309,8 +309,8 @@ def preference_pairs_from_annotations(
       qs = [float(s["q"]) for s in scored]
       best, worst = scored[int(np.argmax(qs))], scored[int(np.argmin(qs))]
       gap = float(best["q"]) - float(worst["q"])
-      chosen = _ids(best["ids"], f"{where} depth {i} sibling ids")
-      rejected = _ids(worst["ids"], f"{where} depth {i} sibling ids")
+      chosen = _ids(_field(best, "ids", f"{where} depth {i} sibling"), f"{where} ids")
+      rejected = _ids(_field(worst, "ids", f"{where} depth {i} sibling"), f"{where} ids")
       if gap <= 0:
         counts["dropped_tie"] += 1
       elif chosen == rejected:
@@ -319,7 +319,7 @@ def preference_pairs_from_annotations(
         counts["dropped_small_gap"] += 1
       else:
         context = prompt + tuple(t for s in trajectory[:i]
-                                 for t in _ids(s["ids"], f"{where} step ids"))
+                                 for t in _ids(_field(s, "ids", f"{where} step"), where))
         pairs.append(PreferencePair(
           context_ids=context, chosen_ids=chosen, rejected_ids=rejected,
           chosen_q=float(best["q"]), rejected_q=float(worst["q"]), record_index=r, depth=i,

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from lm_search_fixtures import SAMPLING, TINY_SPEC, make_prompts, tiny_policy
 
+from qstar_jax.data import preference_pairs_from_annotations
 from qstar_jax.search.steps import lm_mcts
 from qstar_jax.search.steps.lm_mcts import (
   mcts_annotations,
@@ -188,6 +189,31 @@ def test_bad_input_raises_before_jit(tiny, overrides, message):
   with pytest.raises(ValueError, match=message):
     search(tiny, **overrides)
   assert lm_mcts._search._cache_size() == before
+
+
+def test_annotations_give_step_preference_pairs(result):
+  """The annotation records feed `data.preference_pairs_from_annotations`: at the root depth
+  the pair is the highest- and lowest-Q visited siblings after the prompt."""
+  tokens, _ = make_prompts(LENGTHS, width=8, seed=0)
+  prompts = [[int(t) for t in np.asarray(tokens[b, :LENGTHS[b]])] for b in range(B)]
+  records = mcts_annotations(result, prompt_ids=prompts)
+  assert [r["prompt_ids"] for r in records] == prompts
+  extraction = preference_pairs_from_annotations(records)
+  roots = {p.record_index: p for p in extraction.pairs if p.depth == 0}
+  for b in range(B):
+    q = np.asarray(result.root_qvalues[b])
+    visited = np.asarray(result.root_visit_counts[b]) > 0
+    if visited.sum() < 2 or np.ptp(q[visited]) == 0:
+      continue
+    best = int(np.flatnonzero(visited)[np.argmax(q[visited])])
+    worst = int(np.flatnonzero(visited)[np.argmin(q[visited])])
+    pair = roots[b]
+    assert list(pair.context_ids) == prompts[b]
+    assert list(pair.chosen_ids) == node_step_ids(result.tree, int(result.root_candidates[b, best]))
+    assert list(pair.rejected_ids) == node_step_ids(result.tree,
+                                                    int(result.root_candidates[b, worst]))
+    assert pair.chosen_q == pytest.approx(float(q[best]), abs=1e-6)
+  assert roots, "no root pair in any problem"
 
 
 class _Ids:

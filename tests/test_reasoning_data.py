@@ -20,10 +20,10 @@ from qstar_jax.data.reasoning import (
   pad_trajectories,
   pair_batches,
   preference_pairs_from_annotations,
-  read_jsonl,
+  read_reasoning_jsonl,
   split_steps,
   trajectory_batches,
-  write_jsonl,
+  write_reasoning_jsonl,
 )
 from qstar_jax.envs import arithmetic
 from qstar_jax.losses import step_log_probs, token_log_probs
@@ -123,19 +123,19 @@ def test_jsonl_round_trip_and_bad_line(tmp_path):
                       problem={"question": "q", "answer": 3}, prompt_text="Q:",
                       step_texts=["a\n", "b"]),
            Trajectory(prompt_ids=[1], steps=[[7]], reward=0.0)]
-  path = write_jsonl(tmp_path / "t.jsonl", trajs)
-  assert read_jsonl(path) == trajs
+  path = write_reasoning_jsonl(tmp_path / "t.jsonl", trajs)
+  assert read_reasoning_jsonl(path) == trajs
   assert json.loads(path.read_text().splitlines()[0])["step_texts"] == ["a\n", "b"]
   pairs = preference_pairs_from_annotations([annotation()], prompt_ids=[PROMPT]).pairs
-  assert tuple(read_jsonl(write_jsonl(tmp_path / "p.jsonl", pairs), PreferencePair)) == pairs
+  assert tuple(read_reasoning_jsonl(write_reasoning_jsonl(tmp_path / "p.jsonl", pairs), PreferencePair)) == pairs
 
   lines = path.read_text().splitlines()
   (tmp_path / "bad.jsonl").write_text(lines[0] + "\n{not json\n")
   with pytest.raises(ValueError, match=r"bad.jsonl:2: bad Trajectory line"):
-    read_jsonl(tmp_path / "bad.jsonl")
+    read_reasoning_jsonl(tmp_path / "bad.jsonl")
   (tmp_path / "bad2.jsonl").write_text("\n" + lines[0] + "\n" + json.dumps({"steps": []}) + "\n")
   with pytest.raises(ValueError, match=r"bad2.jsonl:3: .*no 'prompt_ids'"):
-    read_jsonl(tmp_path / "bad2.jsonl")
+    read_reasoning_jsonl(tmp_path / "bad2.jsonl")
   with pytest.raises(ValueError, match=r"steps\[1\] is empty"):
     Trajectory(prompt_ids=[1], steps=[[4], []], reward=0.0)
 

@@ -5,7 +5,7 @@ from MCTS annotation, fixed-shape batches, and a deterministic, resumable batch 
   verifier's outcome reward, problem metadata, optional texts); `PreferencePair`: a shared
   context (prompt + earlier steps) with a chosen and a rejected next step and their Q-values.
   Both are host records (Python ints and lists, not arrays) with ``to_json`` / ``from_json``;
-  `write_jsonl` / `read_jsonl` store them one per line, and a bad line is an error naming its
+  `write_reasoning_jsonl` / `read_reasoning_jsonl` store them one per line, and a bad line is an error naming its
   line number.
 - `preference_pairs_from_annotations`: pairs from the records of
   `qstar_jax.search.steps.lm_mcts.mcts_annotations` (Zhai et al.: at each depth of the best
@@ -46,10 +46,10 @@ __all__ = [
   "pad_trajectories",
   "pair_batches",
   "preference_pairs_from_annotations",
-  "read_jsonl",
+  "read_reasoning_jsonl",
   "split_steps",
   "trajectory_batches",
-  "write_jsonl",
+  "write_reasoning_jsonl",
 ]
 
 
@@ -174,7 +174,7 @@ class PreferencePair:
                chosen_text=obj.get("chosen_text"), rejected_text=obj.get("rejected_text"))
 
 
-def write_jsonl(path: str | pathlib.Path,
+def write_reasoning_jsonl(path: str | pathlib.Path,
                 records: Iterable[Trajectory | PreferencePair]) -> pathlib.Path:
   """Writes ``record.to_json()`` one per line (ids and texts); returns the path."""
   path = pathlib.Path(path)
@@ -185,9 +185,9 @@ def write_jsonl(path: str | pathlib.Path,
   return path
 
 
-def read_jsonl(path: str | pathlib.Path,
+def read_reasoning_jsonl(path: str | pathlib.Path,
                record_type: type[Trajectory] | type[PreferencePair] = Trajectory) -> list[Any]:
-  """The records of a file written by `write_jsonl` (blank lines skipped).
+  """The records of a file written by `write_reasoning_jsonl` (blank lines skipped).
 
   Raises:
     ValueError: a line that is not JSON or not a valid record, naming the file and line number.

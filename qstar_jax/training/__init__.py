@@ -18,6 +18,11 @@ from qstar_jax.training.metrics import MetricsWriter, read_metrics
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer, progress
 from qstar_jax.training.puzzle import PuzzleTrainConfig, load_puzzle_net, train_puzzle
+from qstar_jax.training.reasoning_data import (
+  problem_metadata,
+  sample_trajectories,
+  trajectories_from_generations,
+)
 from qstar_jax.training.results import markdown_table, save_plot, write_results
 from qstar_jax.training.train_loop import (
   TrainLoopConfig,
@@ -50,11 +55,14 @@ __all__ = [
   "make_train_step",
   "markdown_table",
   "parse_config",
+  "problem_metadata",
   "progress",
   "read_metrics",
+  "sample_trajectories",
   "save_model",
   "save_plot",
   "train",
   "train_puzzle",
+  "trajectories_from_generations",
   "write_results",
 ]

@@ -379,7 +379,8 @@ def _terminal_candidates(tree: StepTree, trees: mctx.Tree, roots: jax.Array, cho
 
 
 def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
-                     problems: Sequence[Any] | None = None) -> list[dict]:
+                     problems: Sequence[Any] | None = None,
+                     prompt_ids: Sequence[Sequence[int]] | None = None) -> list[dict]:
   """Per problem: the best trajectory and the siblings at each depth along it (host).
 
   The trajectory follows each decision's chosen root action; below the last decision it
@@ -392,8 +393,10 @@ def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
     result: an `MctsStepResult`.
     tokenizer: decodes ids to text (`decode(ids) -> str`); None: texts are None.
     problems: optional per-problem metadata (JSON-serialisable), stored under "problem".
+    prompt_ids: optional per-problem prompt token ids, stored under "prompt_ids" (what
+      `data.preference_pairs_from_annotations` prefixes the pairs' contexts with).
   Returns:
-    One dict per problem: "index", "problem", "chosen", "overflow", "trajectory" (the steps:
+    One dict per problem: "index", "problem", "prompt_ids", "chosen", "overflow", "trajectory" (the steps:
     node, ids, text), "ids" / "text" of the whole solution, "depths" (the siblings records).
   """
   host = jax.device_get(result)
@@ -401,6 +404,8 @@ def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
   batch = np.asarray(host.chosen).shape[0]
   if problems is not None and len(problems) != batch:
     raise ValueError(f"mcts_annotations: {len(problems)} problems for a batch of {batch}")
+  if prompt_ids is not None and len(prompt_ids) != batch:
+    raise ValueError(f"mcts_annotations: {len(prompt_ids)} prompts for a batch of {batch}")
 
   def text(ids):
     return tokenizer.decode(ids) if tokenizer is not None else None
@@ -455,6 +460,7 @@ def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
     ids = [i for s in trajectory for i in s["ids"]]
     records.append({
       "index": b, "problem": None if problems is None else problems[b],
+      "prompt_ids": None if prompt_ids is None else [int(i) for i in prompt_ids[b]],
       "chosen": int(host.chosen[b]), "overflow": bool(host.tree.cache.overflow[b]),
       "trajectory": trajectory, "ids": ids, "text": text(ids), "depths": depths})
   return records

@@ -5,8 +5,8 @@ from MCTS annotation, fixed-shape batches, and a deterministic, resumable batch 
   verifier's outcome reward, problem metadata, optional texts); `PreferencePair`: a shared
   context (prompt + earlier steps) with a chosen and a rejected next step and their Q-values.
   Both are host records (Python ints and lists, not arrays) with ``to_json`` / ``from_json``;
-  `write_reasoning_jsonl` / `read_reasoning_jsonl` store them one per line, and a bad line is an error naming its
-  line number.
+  `write_reasoning_jsonl` / `read_reasoning_jsonl` store them one per line, and a bad line is
+  an error naming its line number.
 - `preference_pairs_from_annotations`: pairs from the records of
   `qstar_jax.search.steps.lm_mcts.mcts_annotations` (Zhai et al.: at each depth of the best
   trajectory, chosen = the sibling with the highest Q, rejected = the lowest).

@@ -555,13 +555,13 @@ def gather_ancestors(cache: TreeKVCache, parents: jax.Array, *, num_children: in
   safe = jnp.clip(parents, 0)
   live = (parents >= 0) & cache.node_live[safe]
   tables = jnp.clip(cache.node_pages[safe], 0)                            # [B, W, MP]
-  l, hkv, _, page_len, hd = cache.page_keys.shape
+  n_layers, hkv, _, page_len, hd = cache.page_keys.shape
   s = cache.max_pages_per_node * page_len
 
   def gather(pool):   # [L, Hkv, B, W, MP, PL, hd] -> [L, Hkv, B, W, S, hd]
-    return pool[:, :, tables].reshape(l, hkv, b, w, s, hd)
+    return pool[:, :, tables].reshape(n_layers, hkv, b, w, s, hd)
 
-  buffer = jnp.zeros((l, max_tokens, b, w, num_children, hkv, hd), cache.page_keys.dtype)
+  buffer = jnp.zeros((n_layers, max_tokens, b, w, num_children, hkv, hd), cache.page_keys.dtype)
   return StepKV(parent_keys=gather(cache.page_keys), parent_values=gather(cache.page_values),
                 parent_lengths=jnp.where(live, cache.node_length[safe], 0),
                 keys=buffer, values=buffer)
@@ -639,7 +639,7 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
     (cache, committed [B, W * K] bool: the row's tokens are in its node).
   """
   children = jnp.asarray(children, jnp.int32)
-  l, t_max, b, w, k, hkv, hd = kv.keys.shape
+  n_layers, t_max, b, w, k, hkv, hd = kv.keys.shape
   r, page_len, mp = b * w * k, cache.page_len, cache.max_pages_per_node
   flat = children.reshape(-1)
   safe = jnp.clip(flat, 0)
@@ -666,10 +666,10 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
   def tail(pool, buffer):
     prefix = pool[:, :, jnp.clip(old, 0)]                             # [L, Hkv, R, PL, hd]
     prefix = jnp.pad(prefix, ((0, 0), (0, 0), (0, 0), (0, (max_new - 1) * page_len), (0, 0)))
-    new = jnp.moveaxis(buffer.reshape(l, t_max, r, hkv, hd), 3, 1)    # [L, Hkv, T, R, hd]
+    new = jnp.moveaxis(buffer.reshape(n_layers, t_max, r, hkv, hd), 3, 1)    # [L, Hkv, T, R, hd]
     new = jnp.take_along_axis(new, src.T[None, None, :, :, None], axis=2)   # [L,Hkv,S,R,hd]
     rows = jnp.where(keep_old.T[None, None, :, :, None], jnp.moveaxis(prefix, 3, 2), new)
-    rows = jnp.moveaxis(rows, 2, 3).reshape(l, hkv, r * max_new, page_len, hd)
+    rows = jnp.moveaxis(rows, 2, 3).reshape(n_layers, hkv, r * max_new, page_len, hd)
     return pool.at[:, :, _drop_index(fresh.reshape(-1), cache.num_pages)].set(rows, mode="drop")
 
   refcount = cache.page_refcount.at[_drop_index(fresh.reshape(-1), cache.num_pages)].add(

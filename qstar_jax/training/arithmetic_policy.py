@@ -86,9 +86,9 @@ __all__ = [
   "majority_answer",
   "sft_loss_fn",
   "step_end_positions",
-  "within_group_auc",
   "train_arithmetic_policy",
   "train_arithmetic_tokenizer",
+  "within_group_auc",
 ]
 
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 3  # fixed by train_sentencepiece

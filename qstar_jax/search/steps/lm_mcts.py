@@ -396,8 +396,9 @@ def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
     prompt_ids: optional per-problem prompt token ids, stored under "prompt_ids" (what
       `data.preference_pairs_from_annotations` prefixes the pairs' contexts with).
   Returns:
-    One dict per problem: "index", "problem", "prompt_ids", "chosen", "overflow", "trajectory" (the steps:
-    node, ids, text), "ids" / "text" of the whole solution, "depths" (the siblings records).
+    One dict per problem: "index", "problem", "prompt_ids", "chosen", "overflow",
+    "trajectory" (the steps: node, ids, text), "ids" / "text" of the whole solution, "depths"
+    (the siblings records).
   """
   host = jax.device_get(result)
   tree: StepTree = host.tree

@@ -15,9 +15,10 @@ children share every page of their parent) and decodes one step for all B*W*K ro
 one token per batched `step_decode`, until every row has sampled a step delimiter or EOS or has
 `max_step_tokens` tokens: the parents' suffixes are gathered from the pages once per step
 (`gather_ancestors`), the step's keys/values go into a dense buffer and into pages once after
-the step (`commit_steps`), so the token loop never touches the page pool. Every sampled token is fed (the delimiter too), so each node's cache
-holds its whole sequence and the next expansion starts from its `hidden` with no recompute:
-the tokens that pass through the model are exactly the prompts plus the tree's tokens.
+the step (`commit_steps`), so the token loop never touches the page pool. Every sampled token
+is fed (the delimiter too), so each node's cache holds its whole sequence and the next
+expansion starts from its `hidden` with no recompute: the tokens that pass through the model
+are exactly the prompts plus the tree's tokens.
 
 A step is terminal when it holds an EOS id, or one of `final_markers` (token sequences such as
 the ids of "The answer is"), so a search never expands a finished solution. A step that reaches

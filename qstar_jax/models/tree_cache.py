@@ -451,6 +451,24 @@ def _gather_pages(layer_pages: jax.Array, tables: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- model step
 
 
+def _project_qkv(layer: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, *, num_heads: int,
+                 num_kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A Llama block's attention inputs for one new token per row: x [..., D] (R rows) ->
+  q [R, 1, Hq, hd], k [R, 1, Hkv, hd] (both rotated by cos/sin [R, 1, 1, hd]), v [R, Hkv, hd]."""
+  attn = layer.attn
+  h = layer.input_norm(x).reshape(-1, 1, x.shape[-1])
+  rows = h.shape[0]
+  q = apply_rotary(attn.q_proj(h).reshape(rows, 1, num_heads, head_dim), cos, sin)
+  k = apply_rotary(attn.k_proj(h).reshape(rows, 1, num_kv_heads, head_dim), cos, sin)
+  return q, k, attn.v_proj(h).reshape(rows, num_kv_heads, head_dim)
+
+
+def _finish_layer(layer: Any, x: jax.Array, attention_out: jax.Array) -> jax.Array:
+  """The rest of a Llama block after attention: output projection, residual, MLP, residual."""
+  x = x + layer.attn.o_proj(attention_out)
+  return x + layer.mlp(layer.post_attn_norm(x))
+
+
 def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: jax.Array,
               tokens: jax.Array, valid: jax.Array | None = None) -> tuple[TreeKVCache, TreeStep]:
   """Append one token to each of the rows' nodes and run the Llama layers on it.
@@ -490,12 +508,8 @@ def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: ja
   new_keys, new_values = [], []
   x = model.embed(tokens)                                               # [B, W, D]
   for i, layer in enumerate(model.layers):
-    attn = layer.attn
-    h = layer.input_norm(x).reshape(b * w, 1, -1)
-    q = apply_rotary(attn.q_proj(h).reshape(b * w, 1, hq, hd), cos, sin)
-    k = apply_rotary(attn.k_proj(h).reshape(b * w, 1, hkv, hd), cos, sin)[:, 0]
-    v = attn.v_proj(h).reshape(b * w, hkv, hd)
-    k, v = k.astype(cache.page_keys.dtype), v.astype(cache.page_values.dtype)
+    q, k, v = _project_qkv(layer, x, cos, sin, num_heads=hq, num_kv_heads=hkv, head_dim=hd)
+    k, v = k[:, 0].astype(cache.page_keys.dtype), v.astype(cache.page_values.dtype)
     new_keys.append(k)
     new_values.append(v)
     suffix_keys = _gather_pages(cache.page_keys[i], tables).at[rows_b, rows_w, own].set(
@@ -505,8 +519,7 @@ def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: ja
     out = cascade_attention(q.reshape(b, w, hq, hd), cache.prompt.keys[i],
                             cache.prompt.values[i], cache.prompt.lengths, suffix_keys,
                             suffix_values, length + written_bw)
-    x = x + attn.o_proj(out)
-    x = x + layer.mlp(layer.post_attn_norm(x))
+    x = _finish_layer(layer, x, out)
   hidden = model.final_norm(x)
   write_page = _drop_index(page, cache.num_pages)
   # [L, BW, Hkv, hd] -> [L, Hkv, BW, hd], the layout of pool[:, :, page, slot].
@@ -599,11 +612,8 @@ def step_decode(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, kv: Ste
   keys, values = kv.keys, kv.values
   x = model.embed(tokens)                                                       # [B, WK, D]
   for i, layer in enumerate(model.layers):
-    attn = layer.attn
-    h = layer.input_norm(x).reshape(b * w * k, 1, -1)
-    q = apply_rotary(attn.q_proj(h).reshape(b * w * k, 1, hq, hd), cos, sin)
-    new_k = apply_rotary(attn.k_proj(h).reshape(b * w * k, 1, hkv, hd), cos, sin)
-    new_v = attn.v_proj(h)
+    q, new_k, new_v = _project_qkv(layer, x, cos, sin, num_heads=hq, num_kv_heads=hkv,
+                                   head_dim=hd)
     keys = keys.at[i, t].set(new_k.reshape(b, w, k, hkv, hd).astype(keys.dtype))
     values = values.at[i, t].set(new_v.reshape(b, w, k, hkv, hd).astype(values.dtype))
     q32 = q.reshape(b, w, k, hkv, hq // hkv, hd).astype(jnp.float32)
@@ -613,8 +623,7 @@ def step_decode(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, kv: Ste
         _attention_part("bwchgd,hbwsd->bwchgs", q32, kv.parent_keys[i], kv.parent_values[i],
                         parent_mask, scale),
         _attention_part("bwchgd,tbwchd->bwchgt", q32, keys[i], values[i], own_mask, scale)])
-    x = x + attn.o_proj(out.reshape(b, w * k, hq * hd).astype(x.dtype))
-    x = x + layer.mlp(layer.post_attn_norm(x))
+    x = _finish_layer(layer, x, out.reshape(b, w * k, hq * hd).astype(x.dtype))
   hidden = model.final_norm(x)
   return kv.replace(keys=keys, values=values), TreeStep(
       logits=model.logits(hidden), hidden=hidden, written=jnp.ones((b, w * k), bool))

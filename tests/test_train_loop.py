@@ -11,7 +11,7 @@ import pytest
 from qstar_jax.data.pipeline import iterate_batches
 from qstar_jax.training.checkpoint import CheckpointConfigMismatchError
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
-from qstar_jax.training.train_loop import TrainLoopConfig, train
+from qstar_jax.training.train_loop import NonFiniteLossError, TrainLoopConfig, train
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(64, 3)).astype(np.float32)
@@ -114,6 +114,27 @@ def test_resume_after_crash_is_identical(tmp_path, reference_run):
   # the same folder with another config is refused
   with pytest.raises(CheckpointConfigMismatchError, match="n: checkpoint has 24, current config has 30"):
     run(tmp_path, num_steps=30)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                           reference_run):
+  def poisoned(start):  # the 9th step's batch holds a NaN target
+    for i, b in enumerate(batches(start)):
+      yield {"x": b["x"], "y": np.full_like(b["y"], np.nan)} if start + i == 8 else b
+
+  # log_every=4, checkpoint_every=5: the NaN (record step 9) is not yet logged when step 10's
+  # checkpoint falls due; that checkpoint must not be written with the NaN parameters.
+  with pytest.raises(NonFiniteLossError, match=r"at step 9; .*last good checkpoint is step 5") as e:
+    run(tmp_path, batches_fn=poisoned)
+  assert (e.value.step, e.value.last_good_checkpoint) == (9, 5) and np.isnan(e.value.loss)
+  steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [5]
+  recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs if "train/loss" in r] == list(range(1, 10))
+  resumed = run(tmp_path)  # clean data again: resumes from the good checkpoint, ends as the reference
+  assert resumed.resumed_from == 5
+  for k in resumed.params:
+    np.testing.assert_array_equal(resumed.params[k], reference_run.params[k])
 
 
 def test_on_step_sees_every_step_and_its_state_is_used(tmp_path):

@@ -25,6 +25,7 @@ from qstar_jax.training.reasoning_data import (
 )
 from qstar_jax.training.results import markdown_table, save_plot, write_results
 from qstar_jax.training.train_loop import (
+  NonFiniteLossError,
   TrainLoopConfig,
   TrainResult,
   TrainState,
@@ -51,6 +52,7 @@ __all__ = [
   "OptimizerConfig",
   "PhaseTimer",
   "PuzzleTrainConfig",
+  "NonFiniteLossError",
   "TrainLoopConfig",
   "TrainResult",
   "TrainState",

@@ -18,7 +18,11 @@ batches from a step on. The loop is made of named pieces:
   ``eval_loss_fn`` over the eval batches;
 - **log** (:class:`TrainLog`): metrics (``train/loss``, ``train/lr``, ``train/grad_norm``, aux,
   ``eval/...``) to ``out_dir/metrics.jsonl`` (+ TensorBoard), records past the resume step
-  dropped, a progress bar with rates, a non-finite training loss stops the run;
+  dropped, a progress bar with rates;
+- **stop on a non-finite loss**: the metrics are checked at each log step and before each
+  checkpoint; the first NaN / inf training loss raises :class:`NonFiniteLossError` naming its step
+  and the last good checkpoint, which is kept (no checkpoint is ever written after a non-finite
+  loss, so a rerun resumes from good parameters);
 - **on_step**: a host hook called after each step (or each call of ``steps_per_call`` steps) with
   the step number, the :class:`TrainState` and the step's host metrics; it may return an updated
   state (e.g. a refreshed target network in ``extra``) and add host metrics to the record.
@@ -53,6 +57,7 @@ __all__ = [
   "TrainResult",
   "TrainState",
   "TrainLog",
+  "NonFiniteLossError",
   "train",
   "make_train_step",
   "make_train_chunk",
@@ -284,11 +289,22 @@ def evaluate(eval_fn: Callable, params: Any, eval_batches: Iterable[Any]) -> dic
 # ------------------------------------------------------------------------------------------ log
 
 
+class NonFiniteLossError(FloatingPointError):
+  """A training loss was NaN or infinite: the run stopped (``step``: the record's step, the steps
+  done when it was logged; ``last_good_checkpoint``: the step a rerun resumes from, or None)."""
+
+  def __init__(self, message: str, *, step: int, loss: float,
+               last_good_checkpoint: int | None = None):
+    super().__init__(message)
+    self.step, self.loss, self.last_good_checkpoint = step, loss, last_good_checkpoint
+
+
 class TrainLog:
   """Train/eval metrics to ``metrics.jsonl`` (+ TensorBoard) and a progress bar.
 
   Train metrics stay on the device until a log step (no host sync per step), then are written
-  with ``prefix`` (``"train/loss"``); a non-finite loss raises ``FloatingPointError``.
+  with ``prefix`` (``"train/loss"``); the first record with a non-finite loss raises
+  :class:`NonFiniteLossError` after the records up to it are written.
   """
 
   def __init__(self, out_dir: pathlib.Path, *, total: int, initial: int, desc: str,
@@ -309,11 +325,13 @@ class TrainLog:
     self._pending.clear()
     for s, m in host:
       self.writer.write(s, {f"{self.prefix}{k}": v for k, v in m.items()})
+      if not np.isfinite(m["loss"]):
+        self.writer.flush()
+        raise NonFiniteLossError(f"train loss is {m['loss']} at step {s}", step=s,
+                                 loss=m["loss"])
     if host:
       self.last_loss = host[-1][1]["loss"]
       self.bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-      if not np.isfinite(self.last_loss):
-        raise FloatingPointError(f"train loss is {self.last_loss} at step {host[-1][0]}")
 
   def eval(self, step: int, means: Mapping[str, float]) -> None:
     self.writer.write(step, {f"eval/{k}": v for k, v in means.items()})
@@ -449,6 +467,7 @@ def train(
   def run_eval(step: int) -> None:
     if eval_fn is None:
       return
+    logger.flush()   # raises on a non-finite loss before evaluating its parameters
     with timer.phase("eval"):
       means = evaluate(eval_fn, state.params, eval_batches())
     eval_history.append((step, means))
@@ -457,6 +476,7 @@ def train(
       on_eval(step, means)
 
   def save(step: int, *, force: bool = False) -> None:
+    logger.flush()   # raises on a non-finite loss: never checkpoint parameters after one
     with timer.phase("checkpoint"):
       manager.save(step, _checkpoint_tree(state), force=force)
 
@@ -519,6 +539,14 @@ def train(
     save(step, force=True)
     with timer.phase("checkpoint"):
       manager.wait()
+  except NonFiniteLossError as e:
+    manager.wait()
+    good = manager.latest_step()
+    where = (f"the last good checkpoint is step {good} in {out_dir / 'checkpoints'} (kept; "
+             "rerunning the same command resumes from it)" if good is not None
+             else f"no checkpoint was written in {out_dir / 'checkpoints'}")
+    raise NonFiniteLossError(f"{out_dir}: {e}; training stopped: {where}", step=e.step,
+                             loss=e.loss, last_good_checkpoint=good) from None
   finally:
     logger.close()
     manager.close()

@@ -1,0 +1,340 @@
+"""Node scorers: scores other than the policy's value head, written into `StepTree.value`.
+
+Every step search ranks nodes by `tree.value`, which `expand_steps` fills with
+`value_fn(params.value, hidden)`. A `NodeScorer` computes a node's score from the tree itself
+(its tokens, its terminal flag) and its own parameters; `scored_expand(scorer)` is an
+`expand_fn` (`expand_steps`'s signature) that decodes the children and then overwrites their
+values with the scorer's, so MCTS, beam, Q-guided, best-of-N and particle filtering use it
+unchanged. `params.value` is then the scorer's dict, and the search's `value_fn` must be
+`zero_value` (roots, which `init_step_tree` scores with `value_fn`, score 0).
+
+- `VerifierReward`: the environment's outcome reward (MCTS annotation on train problems, Zhai
+  et al.): 1.0 for a terminal node whose solution states the reference answer, 0.0 for any
+  other terminal node and for every non-terminal one. With `value_source="rollout"` MCTS then
+  backs up Monte Carlo outcome estimates. Solutions are decoded and graded on the host
+  (`jax.pure_callback`; the grader is `envs.grading`).
+- `LogRatioQ`: the step-level Q-value of a Q-model trained by step-DPO (Zhai et al.),
+  `Q = beta * mean over the node's own step tokens of (log pi_q(tok|ctx) - log pi_ref(tok|ctx))`,
+  pi_q and pi_ref two Llamas of the policy's graph (the Q-model and its frozen reference), by
+  full causal forwards (no KV cache) over prompt + ancestor steps + the node's step.
+
+`path_tokens` assembles those sequences from the tree (traceable).
+
+References: Zhai et al., "Enhancing Decision-Making for LLM Agents via Step-Level Q-Value
+Models" (2024), sec. 3 (MCTS annotation, step-level DPO, Q = beta * mean log-ratio).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from qstar_jax.envs.grading import answers_match, normalize_number, stated_answer
+from qstar_jax.models.llama import apply_hidden, apply_logits
+from qstar_jax.search.steps.step_tree import (
+  PolicyValueParams,
+  StepTree,
+  ValueFn,
+  expand_steps,
+  linear_value,
+)
+
+__all__ = [
+  "LogRatioQ",
+  "NodeScorer",
+  "PathTokens",
+  "ScoredExpand",
+  "VerifierReward",
+  "encode_answers",
+  "path_tokens",
+  "q_model_value_params",
+  "scored_expand",
+  "verifier_value_params",
+  "zero_value",
+]
+
+
+@struct.dataclass
+class PathTokens:
+  """Token sequences of tree nodes: prompt, then each step root..node, left-aligned."""
+
+  tokens: jax.Array           # [M, width] int32, pad_id after `lengths`
+  lengths: jax.Array          # [M] int32 tokens of the sequence (0 for node -1)
+  step_start: jax.Array       # [M] int32 index of the node's own first step token
+  prompt_length: jax.Array    # [M] int32 tokens of the node's prompt
+
+
+def path_width(tree: StepTree, prompt_width: int) -> int:
+  """The width every path fits in: prompt width P + max_depth * T (static)."""
+  return prompt_width + tree.cache.max_depth * tree.step_tokens.shape[1]
+
+
+def path_tokens(tree: StepTree, nodes: jax.Array, prompt_tokens: jax.Array,
+                prompt_lengths: jax.Array, *, width: int | None = None,
+                pad_id: int = 0) -> PathTokens:
+  """Prompt + ancestor steps (root..node) + the node's own step, per node (traceable).
+
+  Args:
+    tree: the search tree.
+    nodes: [M] int32 node ids; -1 gives an empty row (length 0).
+    prompt_tokens: [B, P] int32 the tree's right-padded prompts; prompt_lengths: [B] int32.
+    width: static output width; None: P + max_depth * T (`path_width`), the longest path.
+    pad_id: written after each row's tokens.
+  Raises:
+    ValueError: width < P + max_depth * T (a path could not fit: nothing is ever cut), or
+      prompts whose batch differs from the tree's.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+  batch = tree.cache.prompt.lengths.shape[0]
+  if prompt_tokens.ndim != 2 or prompt_tokens.shape[0] != batch:
+    raise ValueError(f"prompt_tokens has shape {prompt_tokens.shape}: expected [B, P] with the "
+                     f"tree's B={batch}")
+  if prompt_lengths.shape != (batch,):
+    raise ValueError(f"prompt_lengths has shape {prompt_lengths.shape}: expected [B]=({batch},)")
+  p = prompt_tokens.shape[1]
+  depth, t = tree.cache.max_depth, tree.step_tokens.shape[1]
+  needed = path_width(tree, p)
+  if width is None:
+    width = needed
+  if not isinstance(width, (int, np.integer)) or width < needed:
+    raise ValueError(f"width={width!r}: expected an int >= prompt width {p} + max_depth "
+                     f"{depth} * max_step_tokens {t} = {needed}, so that no path is cut")
+  nodes = jnp.asarray(nodes, jnp.int32)
+  m = nodes.shape[0]
+  safe = jnp.maximum(nodes, 0)
+  real = nodes >= 0
+  plen = jnp.where(real, prompt_lengths[tree.cache.node_problem[safe]], 0)      # [M]
+  path = tree.cache.node_path[safe][:, 1:]                                      # [M, D]
+  on_path = real[:, None] & (path >= 0)
+  steps = jnp.where(on_path, tree.step_length[jnp.maximum(path, 0)], 0)         # [M, D]
+  starts = plen[:, None] + jnp.cumsum(steps, axis=1) - steps                    # [M, D]
+  # Scatter every source token (prompt position i, or token j of the path's step d) to its
+  # place; sources past their segment's length go to `width` and are dropped.
+  i = jnp.arange(p)
+  prompt_dst = jnp.where(i[None, :] < plen[:, None], i[None, :], width)         # [M, P]
+  j = jnp.arange(t)
+  step_dst = jnp.where(j[None, None, :] < steps[:, :, None],
+                       starts[:, :, None] + j[None, None, :], width)            # [M, D, T]
+  src = jnp.concatenate([prompt_tokens[tree.cache.node_problem[safe]],
+                         tree.step_tokens[jnp.maximum(path, 0)].reshape(m, depth * t)], axis=1)
+  dst = jnp.concatenate([prompt_dst, step_dst.reshape(m, depth * t)], axis=1)
+  rows = jnp.broadcast_to(jnp.arange(m)[:, None], dst.shape)
+  tokens = jnp.full((m, width), pad_id, jnp.int32).at[rows, dst].set(src, mode="drop")
+  lengths = plen + jnp.sum(steps, axis=1)
+  own = jnp.where(real, tree.step_length[safe], 0)
+  return PathTokens(tokens=tokens, lengths=lengths, step_start=lengths - own,
+                    prompt_length=plen)
+
+
+class NodeScorer(Protocol):
+  """A node score (a frozen, hashable dataclass: a static jit argument).
+
+  `scorer(value_params, tree, nodes [M] int32) -> [M] float32`, traceable; `value_params` is
+  what the search carries as `PolicyValueParams.value`.
+  """
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    ...
+
+
+def zero_value(value_params: Any, hidden: jax.Array) -> jax.Array:
+  """[...] float32 zeros for hidden [..., D]: the `value_fn` of a search scored by a scorer."""
+  del value_params
+  return jnp.zeros(hidden.shape[:-1], jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredExpand:
+  """`expand_steps`, then `scorer(params.value, tree, child)` written into each usable child's
+  `tree.value` (equal and hashable for equal scorers: one compilation)."""
+
+  scorer: NodeScorer
+
+  def __call__(self, params: PolicyValueParams, rng_key: jax.Array, tree: StepTree,
+               parents: jax.Array, *, graphdef: nnx.GraphDef, spec: Any, sampling: Any,
+               num_children: int, valid: jax.Array | None = None,
+               value_fn: ValueFn = linear_value) -> tuple[StepTree, jax.Array]:
+    # The children's values are overwritten: the value head is not called (`params.value` is
+    # the scorer's dict, not a head's).
+    del value_fn
+    tree, children = expand_steps(params, rng_key, tree, parents, graphdef=graphdef, spec=spec,
+                                  sampling=sampling, num_children=num_children, valid=valid,
+                                  value_fn=zero_value)
+    flat = children.reshape(-1)
+    safe = jnp.maximum(flat, 0)
+    usable = (flat >= 0) & tree.usable[safe]
+    scores = jnp.asarray(self.scorer(params.value, tree, safe), jnp.float32)
+    dst = jnp.where(usable, flat, tree.cache.max_nodes)
+    return tree.replace(value=tree.value.at[dst].set(scores, mode="drop")), children
+
+
+def scored_expand(scorer: NodeScorer) -> ScoredExpand:
+  """The `expand_fn` of a search scored by `scorer` (pass `value_fn=zero_value` with it)."""
+  try:
+    hash(scorer)
+  except TypeError as e:
+    raise ValueError(f"scorer {scorer!r} is not hashable: expected a frozen dataclass (it is a "
+                     "static jit argument)") from e
+  return ScoredExpand(scorer)
+
+
+def _require(value_params: Any, keys: Sequence[str], who: str) -> None:
+  if not isinstance(value_params, Mapping):
+    raise ValueError(f"{who}: value_params is {type(value_params).__name__}: expected a dict "
+                     f"with keys {list(keys)} (params.value of the search)")
+  missing = [k for k in keys if k not in value_params]
+  if missing:
+    raise ValueError(f"{who}: value_params lacks {missing}: expected keys {list(keys)}, "
+                     f"got {sorted(value_params)}")
+
+
+# ----------------------------------------------------------------------------- verifier
+
+
+def encode_answers(references: Sequence[str], max_answer_chars: int = 24) -> np.ndarray:
+  """[B, max_answer_chars] uint8: each reference answer's UTF-8 bytes, zero padded.
+
+  Raises:
+    ValueError: an answer that is not a number (`grading.normalize_number`) or that needs more
+      than max_answer_chars bytes.
+  """
+  out = np.zeros((len(references), max_answer_chars), np.uint8)
+  for b, ref in enumerate(references):
+    data = str(ref).encode()
+    if normalize_number(str(ref)) is None:
+      raise ValueError(f"reference answer {ref!r} (problem {b}) is not a number")
+    if len(data) > max_answer_chars or b"\0" in data:
+      raise ValueError(f"reference answer {ref!r} (problem {b}) has {len(data)} bytes: expected "
+                       f"<= max_answer_chars={max_answer_chars} and no NUL byte")
+    out[b, :len(data)] = np.frombuffer(data, np.uint8)
+  return out
+
+
+def verifier_value_params(prompt_tokens: Any, prompt_lengths: Any,
+                          answers: Sequence[str] | np.ndarray | jax.Array, *,
+                          max_answer_chars: int = 24) -> dict[str, jax.Array]:
+  """`params.value` of a `VerifierReward` search: prompts [B, P], [B] and reference answers
+  (strings, encoded by `encode_answers`, or already encoded [B, max_answer_chars])."""
+  if isinstance(answers, (np.ndarray, jax.Array)):
+    encoded = np.asarray(answers)
+  else:
+    encoded = encode_answers(list(answers), max_answer_chars)
+  return {"prompt_tokens": jnp.asarray(prompt_tokens, jnp.int32),
+          "prompt_lengths": jnp.asarray(prompt_lengths, jnp.int32),
+          "answers": jnp.asarray(encoded, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VerifierReward:
+  """Outcome reward: 1.0 for a terminal node whose solution states its problem's answer.
+
+  value_params: `verifier_value_params(...)`: {"prompt_tokens" [B, P], "prompt_lengths" [B],
+  "answers" [B, max_answer_chars]}. A terminal usable node's solution (its path after the
+  prompt) is decoded by `tokenizer.decode` on the host and scores
+  `answers_match(stated_answer(text), reference)` (0.0 when it states no answer); non-terminal
+  nodes score 0.0. Equal and hashed by the tokenizer's identity (one per run) and
+  max_answer_chars.
+  """
+
+  tokenizer: Any
+  max_answer_chars: int = 24
+
+  def __eq__(self, other: object) -> bool:
+    return (isinstance(other, VerifierReward) and other.tokenizer is self.tokenizer
+            and other.max_answer_chars == self.max_answer_chars)
+
+  def __hash__(self) -> int:
+    return hash((VerifierReward, id(self.tokenizer), self.max_answer_chars))
+
+  def _grade(self, tokens, lengths, starts, answers, terminal) -> np.ndarray:
+    """Host: the reward of each row (the callback's body)."""
+    scores = np.zeros(np.shape(terminal), np.float32)
+    for r in np.flatnonzero(np.asarray(terminal)):
+      ids = [int(i) for i in np.asarray(tokens[r, int(starts[r]):int(lengths[r])])]
+      reference = bytes(np.asarray(answers[r], np.uint8)).rstrip(b"\0").decode()
+      answer = stated_answer(self.tokenizer.decode(ids))
+      scores[r] = float(answer is not None and answers_match(answer, reference))
+    return scores
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    _require(value_params, ("prompt_tokens", "prompt_lengths", "answers"), "VerifierReward")
+    answers = jnp.asarray(value_params["answers"], jnp.int32)
+    batch = tree.cache.prompt.lengths.shape[0]
+    if answers.shape != (batch, self.max_answer_chars):
+      raise ValueError(f"VerifierReward: answers have shape {answers.shape}: expected [B, "
+                       f"max_answer_chars]=({batch}, {self.max_answer_chars})")
+    nodes = jnp.asarray(nodes, jnp.int32)
+    paths = path_tokens(tree, nodes, value_params["prompt_tokens"],
+                        value_params["prompt_lengths"])
+    safe = jnp.maximum(nodes, 0)
+    terminal = (nodes >= 0) & tree.usable[safe] & tree.terminal[safe]
+    return jax.pure_callback(
+      self._grade, jax.ShapeDtypeStruct(nodes.shape, jnp.float32), paths.tokens, paths.lengths,
+      paths.prompt_length, answers[tree.cache.node_problem[safe]], terminal,
+      vmap_method="sequential")
+
+
+# ----------------------------------------------------------------------------- Q-model
+
+
+def q_model_value_params(q_params: Any, reference_params: Any, prompt_tokens: Any,
+                         prompt_lengths: Any) -> dict[str, Any]:
+  """`params.value` of a `LogRatioQ` search: the Q-model's and the reference's Llama states
+  (both of the policy's graphdef) and the prompts [B, P], [B]."""
+  return {"q": q_params, "reference": reference_params,
+          "prompt_tokens": jnp.asarray(prompt_tokens, jnp.int32),
+          "prompt_lengths": jnp.asarray(prompt_lengths, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogRatioQ:
+  """Step-level Q of a step-DPO Q-model: `beta * mean_t (log pi_q - log pi_ref)(tok_t | ctx)`
+  over the node's own step tokens (the sum with `mean_tokens=False`); 0 for a root.
+
+  value_params: `q_model_value_params(...)`. Each forward runs over the full path (prompt,
+  ancestor steps, the node's step: `path_tokens`, width P + max_depth * T); only the T
+  positions that predict the node's step go through the LM head.
+  """
+
+  graphdef: nnx.GraphDef
+  beta: float
+  mean_tokens: bool = True
+
+  def __post_init__(self):
+    if not float(self.beta) > 0:
+      raise ValueError(f"LogRatioQ: beta={self.beta!r}: expected > 0")
+
+  def step_log_probs(self, params: Any, paths: PathTokens, num_tokens: int) -> jax.Array:
+    """[M, num_tokens] float32 log pi(tok | ctx) of the first num_tokens tokens of each node's
+    step under Llama state `params` (garbage past the step's length: mask it)."""
+    hidden, _ = apply_hidden(self.graphdef, params, paths.tokens)                # [M, W, D]
+    j = jnp.arange(num_tokens)
+    target_pos = jnp.minimum(paths.step_start[:, None] + j[None, :], paths.tokens.shape[1] - 1)
+    # Position p's hidden state predicts token p + 1; step_start >= 1 (a prompt is never empty).
+    state = jnp.take_along_axis(hidden, jnp.maximum(target_pos - 1, 0)[:, :, None], axis=1)
+    logp = jax.nn.log_softmax(apply_logits(self.graphdef, params, state).astype(jnp.float32),
+                              axis=-1)                                           # [M, T, V]
+    targets = jnp.take_along_axis(paths.tokens, target_pos, axis=1)
+    return jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    _require(value_params, ("q", "reference", "prompt_tokens", "prompt_lengths"), "LogRatioQ")
+    nodes = jnp.asarray(nodes, jnp.int32)
+    paths = path_tokens(tree, nodes, value_params["prompt_tokens"],
+                        value_params["prompt_lengths"])
+    t = tree.step_tokens.shape[1]
+    count = paths.lengths - paths.step_start                                     # [M]
+    mask = jnp.arange(t)[None, :] < count[:, None]
+    ratio = (self.step_log_probs(value_params["q"], paths, t)
+             - self.step_log_probs(value_params["reference"], paths, t))
+    total = jnp.sum(jnp.where(mask, ratio, 0.0), axis=1)
+    if self.mean_tokens:
+      total = total / jnp.maximum(count, 1).astype(jnp.float32)
+    return (float(self.beta) * total).astype(jnp.float32)

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 from lm_search_fixtures import SAMPLING, TINY_SPEC, make_prompts, tiny_policy
 
-from qstar_jax.envs.arithmetic import arithmetic_reward, generate_problems, policy_prompt
+from qstar_jax.envs.arithmetic import (
+  arithmetic_reward,
+  generate_problems,
+  policy_prompt,
+  stated_answer_reward,
+)
 from qstar_jax.losses.lm import token_log_probs
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
 from qstar_jax.models.llama import apply
@@ -181,6 +186,30 @@ def test_bad_input_raises_clear_errors(searched, tiny):
 # ----------------------------------------------------------------------------- verifier
 
 
+class _SumTokenizer:
+  """decode(ids) = "The answer is <sum(ids) % 3>.": a text that depends on every id decoded."""
+
+  def decode(self, ids):
+    return f"The answer is {sum(ids) % 3}."
+
+
+def test_verifier_reward_grades_the_terminal_nodes_solutions(searched):
+  result, tokens, lengths, nodes, _, _ = searched
+  tree = result.tree
+  references = ["1", "2"]
+  tokenizer = _SumTokenizer()
+  scorer = jax.jit(VerifierReward(tokenizer, max_answer_chars=4))
+  values = np.asarray(scorer(verifier_value_params(tokens, lengths, references,
+                                                   max_answer_chars=4),
+                             tree, jnp.asarray(np.append(nodes, -1))))
+  expected = [stated_answer_reward(tokenizer.decode(node_token_ids(tree, int(n))),
+                                   references[int(tree.cache.node_problem[n])])
+              if tree.terminal[n] else 0.0 for n in nodes]
+  np.testing.assert_array_equal(values, [*expected, 0.0])
+  terminal = np.asarray(tree.terminal)[nodes]
+  assert 0 < values.sum() < terminal.sum()           # right and wrong terminal nodes
+
+
 def _leaves_below(tree, node):
   """Usable nodes of node's subtree (itself included) that have no usable child."""
   usable = np.asarray(tree.usable)
@@ -231,4 +260,4 @@ def test_verifier_reward_drives_mcts_with_outcome_rollouts():
         if len(outcomes) == 1:       # every end below it was right (1) or wrong (0)
           np.testing.assert_allclose(sibling["q"], outcomes.pop(), atol=1e-6)
           checked.append(sibling["q"])
-  assert checked
+  assert 0.0 in checked and 1.0 in checked

@@ -15,7 +15,8 @@ unchanged. `params.value` is then the scorer's dict, and the search's `value_fn`
   (`jax.pure_callback`; the grader is `envs.grading`).
 - `LogRatioQ`: the step-level Q-value of a Q-model trained by step-DPO (Zhai et al.),
   `Q = beta * mean over the node's own step tokens of (log pi_q(tok|ctx) - log pi_ref(tok|ctx))`,
-  pi_q and pi_ref two Llamas of the policy's graph (the Q-model and its frozen reference), by
+  pi_q and pi_ref two Llamas of one graph, e.g. the policy's (the Q-model and its frozen
+  reference; they must share the policy's tokenizer), by
   full causal forwards (no KV cache) over prompt + ancestor steps + the node's step.
 
 `path_tokens` assembles those sequences from the tree (traceable).
@@ -53,6 +54,7 @@ __all__ = [
   "VerifierReward",
   "encode_answers",
   "path_tokens",
+  "path_width",
   "q_model_value_params",
   "scored_expand",
   "verifier_value_params",

@@ -102,15 +102,25 @@ def test_run_sft_lowers_the_solution_nll(tiny_models, trajectories, tmp_path):
   assert _loss(sft_loss_fn(graphdef), result.params, plain) < before - 0.1
 
 
-def test_run_oreo_lowers_the_oreo_loss(tiny_models, trajectories, tmp_path):
+@pytest.fixture(scope="module")
+def oreo_run(tiny_models, trajectories, tmp_path_factory):
+  """(initial params, kwargs, result) of an uninterrupted OREO run checkpointing every 2 steps."""
   graphdef, policy, reference = tiny_models
   params = oreo_params(policy, _value_head(graphdef, policy))
+  kwargs = dict(reference_params=reference, pad_id=PAD, log=lambda m: None,
+                cfg=dataclasses.replace(CFG, checkpoint_every=2))
+  result = run_oreo(graphdef, params, trajectories, out_dir=tmp_path_factory.mktemp("oreo"),
+                    **kwargs)
+  return params, kwargs, result
+
+
+def test_run_oreo_lowers_the_oreo_loss(tiny_models, trajectories, oreo_run):
+  graphdef, _, reference = tiny_models
+  params, _, result = oreo_run
   loss_fn = oreo_loss_fn(graphdef, beta=0.03, alpha=0.01)
   batch = pad_trajectories(trajectories, pad_id=PAD)
+  assert set(result.params) == {"policy", "value"} and result.step == CFG.num_steps
   before = _loss(loss_fn, params, batch, reference)
-  result = run_oreo(graphdef, params, trajectories, reference_params=reference, pad_id=PAD,
-                    cfg=CFG, out_dir=tmp_path)
-  assert set(result.params) == {"policy", "value"}
   assert _loss(loss_fn, result.params, batch, reference) < before - 0.02
 
 
@@ -128,18 +138,15 @@ def test_run_prm_lowers_the_prm_loss(tiny_models, trajectories, tmp_path):
 # ------------------------------------------------------------------------------------- resume
 
 
-def test_stopped_and_rerun_equals_uninterrupted(tiny_models, trajectories, tmp_path):
-  graphdef, policy, reference = tiny_models
-  params = oreo_params(policy, _value_head(graphdef, policy))
-  cfg = dataclasses.replace(CFG, checkpoint_every=2)
-  kwargs = dict(reference_params=reference, pad_id=PAD, cfg=cfg, log=lambda m: None)
-  full = run_oreo(graphdef, params, trajectories, out_dir=tmp_path / "full", **kwargs)
+def test_stopped_and_rerun_equals_uninterrupted(tiny_models, trajectories, oreo_run, tmp_path):
+  graphdef = tiny_models[0]
+  params, kwargs, full = oreo_run
   # max_seconds ~ 0: the run stops (and checkpoints) after its first step.
   stopped = run_oreo(graphdef, params, trajectories, out_dir=tmp_path / "cut", max_seconds=1e-9,
                      **kwargs)
   assert stopped.stopped_early and stopped.step == 1
   resumed = run_oreo(graphdef, params, trajectories, out_dir=tmp_path / "cut", **kwargs)
-  assert resumed.resumed_from == 1 and resumed.step == cfg.num_steps
+  assert resumed.resumed_from == 1 and resumed.step == full.step == CFG.num_steps
   for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The folder belongs to this run: other settings or other data are refused.
@@ -194,6 +201,7 @@ def test_bad_inputs_are_refused_before_training(tiny_models, pairs, trajectories
   assert not (tmp_path / "checkpoints").exists()  # nothing was trained
 
 
+@pytest.mark.slow
 def test_run_oreo_with_one_outcome_runs_and_says_so(tiny_models, trajectories, tmp_path):
   graphdef, policy, reference = tiny_models
   params = oreo_params(policy, _value_head(graphdef, policy))

@@ -47,6 +47,20 @@ from qstar_jax.search.steps.result import (
   vote,
 )
 from qstar_jax.search.steps.rollout import StepRollout, step_rollout
+from qstar_jax.search.steps.scorers import (
+  LogRatioQ,
+  NodeScorer,
+  PathTokens,
+  ScoredExpand,
+  VerifierReward,
+  encode_answers,
+  path_tokens,
+  path_width,
+  q_model_value_params,
+  scored_expand,
+  verifier_value_params,
+  zero_value,
+)
 from qstar_jax.search.steps.step_tree import (
   PolicyValueParams,
   StepSpec,
@@ -72,4 +86,8 @@ __all__ = [
   "q_guided_search", "read_mcts_annotations", "read_solutions", "release_steps", "run_method",
   "sample_solutions", "stated_answer", "step_rollout", "tree_capacity", "vote",
   "weighted_majority_answer", "write_mcts_annotations",
+  # node scorers (verifier reward, step-DPO Q-model) written into tree.value
+  "LogRatioQ", "NodeScorer", "PathTokens", "ScoredExpand", "VerifierReward", "encode_answers",
+  "path_tokens", "path_width", "q_model_value_params", "scored_expand", "verifier_value_params",
+  "zero_value",
 ]

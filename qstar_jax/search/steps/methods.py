@@ -39,7 +39,13 @@ from qstar_jax.search.steps.lm_searches import (
   sample_solutions,
 )
 from qstar_jax.search.steps.result import StepSearchResult, read_solutions
-from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec, expand_steps
+from qstar_jax.search.steps.step_tree import (
+  PolicyValueParams,
+  StepSpec,
+  ValueFn,
+  expand_steps,
+  linear_value,
+)
 
 __all__ = ["METHODS", "SearchBudget", "method_answers", "pad_prompts", "run_method",
            "stated_answer"]
@@ -85,13 +91,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 32,
 
 def run_method(method: str, params: PolicyValueParams, rng_key: jax.Array, *,
                graphdef: nnx.GraphDef, prompt_tokens: Any, prompt_lengths: Any, spec: StepSpec,
-               budget: SearchBudget, expand_fn: Callable = expand_steps) -> StepSearchResult:
-  """Runs `method` (one of METHODS) on B prompts under `budget`; see the module doc."""
+               budget: SearchBudget, expand_fn: Callable = expand_steps,
+               value_fn: ValueFn = linear_value) -> StepSearchResult:
+  """Runs `method` (one of METHODS) on B prompts under `budget`; see the module doc.
+
+  `expand_fn` / `value_fn` go to the search unchanged: e.g. `scorers.scored_expand(scorer)` with
+  `scorers.zero_value` scores nodes by a verifier or a separate Q-model (`params.value` then
+  holds the scorer's dict).
+  """
   if method not in METHODS:
     raise ValueError(f"method {method!r}: expected one of {METHODS}")
   sampled = SamplingConfig(max_new_tokens=spec.max_step_tokens, temperature=budget.temperature)
   common = dict(graphdef=graphdef, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
-                spec=spec, max_depth=budget.max_depth, expand_fn=expand_fn)
+                spec=spec, max_depth=budget.max_depth, expand_fn=expand_fn,
+                value_fn=value_fn)
   if method == "greedy":
     return sample_solutions(params, rng_key, sampling=sampled.replace(greedy=True),
                             num_samples=1, **common)

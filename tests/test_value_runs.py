@@ -28,6 +28,7 @@ from qstar_jax.training.value_learning import (
 from qstar_jax.training.value_runs import (
   ValueRunConfig,
   data_fingerprint,
+  response_pairs,
   run_oreo,
   run_preference,
   run_prm,
@@ -162,6 +163,21 @@ def test_data_fingerprint_depends_on_ids_and_rewards(trajectories):
   assert data_fingerprint(trajectories) == data_fingerprint(list(trajectories))
   assert data_fingerprint(trajectories) != data_fingerprint([changed, *trajectories[1:]])
   assert data_fingerprint(trajectories) != data_fingerprint(trajectories[::-1])
+
+
+def test_response_pairs_match_correct_and_incorrect_samples_of_one_problem():
+  a, b = (1, 9), (1, 8)  # two prompts
+  rewards = {a: (1.0, 0.0, 0.0, 1.0, 1.0), b: (0.0, 0.0)}
+  trajs = [Trajectory(prompt_ids=p, steps=[[10 + i, 4], [2]], reward=r)
+           for p in (a, b) for i, r in enumerate(rewards[p])]
+  pairs = response_pairs(trajs)
+  # prompt a: correct samples 0, 3, 4 against incorrect 1, 2 in order; prompt b: one outcome.
+  assert [(p.context_ids, p.chosen_ids, p.rejected_ids, p.record_index) for p in pairs] == [
+    (a, (10, 4, 2), (11, 4, 2), 0), (a, (13, 4, 2), (12, 4, 2), 3)]
+  assert [(p.chosen_q, p.rejected_q) for p in pairs] == [(1.0, 0.0)] * 2
+  assert len(response_pairs(trajs, max_pairs_per_problem=1)) == 1
+  with pytest.raises(ValueError, match="max_pairs_per_problem = 0"):
+    response_pairs(trajs, max_pairs_per_problem=0)
 
 
 # ---------------------------------------------------------------------------------- bad input

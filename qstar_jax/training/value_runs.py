@@ -58,6 +58,7 @@ __all__ = [
   "ValueRunConfig",
   "data_fingerprint",
   "default_run_config",
+  "response_pairs",
   "run_oreo",
   "run_preference",
   "run_prm",
@@ -142,6 +143,40 @@ def default_run_config(method: str, settings: Mapping[str, Any], cfg: ValueRunCo
   what a run's checkpoint folder is checked against when no ``run_config`` is given."""
   return {"method": method, "settings": dict(settings), "run": config_to_dict(cfg),
           "data": {"num_examples": len(records), "fingerprint": data_fingerprint(records)}}
+
+
+def response_pairs(trajectories: Sequence[Trajectory], *, threshold: float = 0.5,
+                   max_pairs_per_problem: int | None = None) -> list[PreferencePair]:
+  """Response-level preference pairs (DPO on sampled solutions): within each problem (the
+  trajectories sharing one ``prompt_ids``), the k-th solution with ``reward > threshold``
+  (chosen) against the k-th with ``reward <= threshold`` (rejected), ``k < min(#correct,
+  #incorrect, max_pairs_per_problem)``, each in input order. The context is the prompt, each
+  response all of a solution's steps; ``chosen_q`` / ``rejected_q`` are the rewards and
+  ``record_index`` the chosen trajectory's index. Problems of one outcome give no pair.
+
+  Examples:
+    >>> ts = [Trajectory([1], [[5, 2]], 1.0), Trajectory([1], [[6, 2]], 0.0),
+    ...       Trajectory([1], [[7, 2]], 1.0), Trajectory([3], [[5, 2]], 1.0)]
+    >>> [(p.chosen_ids, p.rejected_ids) for p in response_pairs(ts)]
+    [((5, 2), (6, 2))]
+  """
+  if max_pairs_per_problem is not None and max_pairs_per_problem < 1:
+    raise ValueError(f"max_pairs_per_problem = {max_pairs_per_problem}: expected >= 1 or None")
+  groups: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
+  for i, traj in enumerate(trajectories):
+    correct, incorrect = groups.setdefault(traj.prompt_ids, ([], []))
+    (correct if traj.reward > threshold else incorrect).append(i)
+  pairs = []
+  for prompt, (correct, incorrect) in groups.items():
+    for k, (c, r) in enumerate(zip(correct, incorrect, strict=False)):
+      if max_pairs_per_problem is not None and k >= max_pairs_per_problem:
+        break
+      chosen, rejected = trajectories[c], trajectories[r]
+      pairs.append(PreferencePair(
+        context_ids=prompt, chosen_ids=chosen.ids[len(prompt):],
+        rejected_ids=rejected.ids[len(prompt):], chosen_q=chosen.reward,
+        rejected_q=rejected.reward, record_index=c))
+  return pairs
 
 
 # ------------------------------------------------------------------------------------- driver

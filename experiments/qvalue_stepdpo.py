@@ -1,0 +1,531 @@
+"""Step-level Q-value models (Zhai et al. 2024) on the arithmetic task: MCTS annotation ->
+step-DPO Q-model -> Q-guided selection, for the policy that made the data and a second one.
+
+  python -m experiments.qvalue_stepdpo [preset=cpu] out=runs/qvalue_stepdpo
+
+1. Policies. A = the committed arithmetic policy (or `policy=DIR`): it generates the training
+   data. B = a second, different policy (`policy_b`: by default a 2-layer Llama SFT'd with
+   another seed and fewer steps by `train_arithmetic_policy`) sharing A's tokenizer (A's
+   `tokenizer.model` is copied into `out/policy_b` first), so the Q-model can score B's steps.
+2. Annotation, per seed: MCTS episodes of A on train problems (`mcts_step_search`, episode,
+   `value_source="rollout"`) with the verifier reward as the node score (`VerifierReward`: a
+   finished solution scores 1 iff it states the reference answer), so the edges' Q-values are
+   Monte Carlo outcome estimates; `mcts_annotations` -> `out/seed{s}/annotations.jsonl`; step
+   pairs (chosen = highest-Q sibling, rejected = lowest, `preference_pairs_from_annotations`)
+   -> `out/seed{s}/pairs.jsonl`.
+3. Q-model, per seed: step-DPO (`run_preference(..., mean_tokens=True)`) initialised from A,
+   reference = A (frozen), on the pairs of all but a held-out share of the problems; its pair
+   accuracy (Q(chosen) > Q(rejected)) on the held-out pairs is the quick diagnostic.
+4. Evaluation on test problems (`generate_problems(seed, n, split="test")`), per seed and
+   policy: greedy, and Q-guided selection: K candidate steps sampled from the policy, the one of
+   highest `Q = beta * mean_tokens(log pi_q - log pi_A)` kept (`q_guided_search` with
+   `scored_expand(LogRatioQ(...))`). Compute: tokens the policy decoded per problem, model
+   calls, seconds (the Q-model's forwards are in the seconds).
+5. `out/results.json` (`{"config", "policies": {NAME: {"greedy": [acc per seed], "q_guided":
+   [...]}}, "compute", ...}`, A first), `out/table.md` (mean +- spread, relative gains, the
+   paper's numbers, the acceptance checks met / not met), `out/accuracy.png`.
+
+Every stage writes its files and is skipped when they exist; a killed step-DPO run resumes from
+its last checkpoint (`out/seed{s}/qmodel`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+import shutil
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from qstar_jax.data.reasoning import (
+  PreferencePair,
+  pad_pairs,
+  preference_pairs_from_annotations,
+  read_reasoning_jsonl,
+  write_reasoning_jsonl,
+)
+from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
+from qstar_jax.envs.grading import answers_match, stated_answer
+from qstar_jax.models.arithmetic_policy import ArithmeticPolicy, load_arithmetic_policy
+from qstar_jax.models.decoding import SamplingConfig
+from qstar_jax.search.steps.lm_mcts import mcts_annotations, mcts_step_search
+from qstar_jax.search.steps.lm_searches import q_guided_search, sample_solutions
+from qstar_jax.search.steps.methods import method_answers, pad_prompts
+from qstar_jax.search.steps.scorers import (
+  LogRatioQ,
+  VerifierReward,
+  encode_answers,
+  q_model_value_params,
+  scored_expand,
+  verifier_value_params,
+  zero_value,
+)
+from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
+from qstar_jax.training.arithmetic_policy import (
+  ArithmeticPolicyConfig,
+  PolicyEvalConfig,
+  PolicyModelConfig,
+  SFTDataConfig,
+  ValueFitConfig,
+  train_arithmetic_policy,
+)
+from qstar_jax.training.config import config_to_dict, parse_config
+from qstar_jax.training.optim import OptimizerConfig
+from qstar_jax.training.progress import progress
+from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.train_loop import TrainLoopConfig
+from qstar_jax.training.value_learning import dpo_loss_fn
+from qstar_jax.training.value_runs import ValueRunConfig, run_preference
+
+PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "qvalue_stepdpo"
+
+# Zhai et al. 2024, Phi-3-mini: relative gain of Q-guided selection over the policy alone.
+PAPER_RELATIVE_GAINS = {"WebShop": 1.03, "HotPotQA": 0.75}
+# The issue's acceptance: Q-guided >= 20% relative above greedy for the data-generating policy.
+TARGET_RELATIVE_GAIN = 0.20
+
+
+def _policy_b_default() -> ArithmeticPolicyConfig:
+  return ArithmeticPolicyConfig(
+    seed=1, model=PolicyModelConfig(num_layers=2),
+    data=SFTDataConfig(corrupt_fraction=0.1, batch_size=16),
+    loop=TrainLoopConfig(num_steps=600, eval_every=0, checkpoint_every=200, log_every=50),
+    eval=PolicyEvalConfig(num_test_problems=64, slice_problems=64, prompt_width=96,
+                          majority_problems=0),
+    value=ValueFitConfig(num_problems=32, samples_per_problem=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationConfig:
+  num_problems: int = 256         # train problems per seed (MCTS episodes of policy A)
+  # generate_problems(seed, n, split="train", start=train_start): past the committed policy's
+  # SFT and value-fit problems of seed 0 (16,512), so seed 0 annotates unseen problems too.
+  train_start: int = 20000
+  batch: int = 32                 # problems per MCTS call
+  num_actions: int = 4            # K candidate steps per node
+  num_simulations: int = 16       # per decision
+  mcts_policy: str = "gumbel_muzero"
+  temperature: float = 1.0        # candidate and rollout sampling
+  max_answer_chars: int = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class QModelConfig:
+  beta: float = 0.1               # step-DPO beta (also the Q scale at selection)
+  holdout_fraction: float = 0.2   # share of the annotated problems whose pairs are held out
+  run: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
+    num_steps=150, batch_size=16,
+    optim=OptimizerConfig(lr=1e-4, warmup_steps=15, weight_decay=0.0), checkpoint_every=50))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  num_problems: int = 200         # test problems per seed: generate_problems(seed, n, "test")
+  batch: int = 100
+  num_candidates: int = 5         # K of the Q-guided selection
+  temperature: float = 1.0        # the candidates' sampling temperature
+
+
+@dataclasses.dataclass(frozen=True)
+class QValueConfig:
+  out: str = "runs/qvalue_stepdpo"
+  seeds: tuple[int, ...] = (0, 1, 2)
+  policy: str = ""                # policy A's folder; "" = the committed arithmetic policy
+  policy_b: ArithmeticPolicyConfig = dataclasses.field(default_factory=_policy_b_default)
+  max_depth: int = 6              # steps per solution at most (annotation and evaluation)
+  max_step_tokens: int = 16
+  annotation: AnnotationConfig = AnnotationConfig()
+  qmodel: QModelConfig = QModelConfig()
+  eval: EvalConfig = EvalConfig()
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+  """(mean, sample standard deviation; 0 for a single value)."""
+  x = np.asarray(values, np.float64)
+  if x.size == 0:
+    raise ValueError("mean_spread: expected at least one value")
+  return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
+
+
+def relative_gain(new: float, base: float) -> float:
+  """(new - base) / base; NaN when base is 0."""
+  return (new - base) / base if base else float("nan")
+
+
+def holdout_split(pairs: Sequence[PreferencePair], *, num_records: int, fraction: float,
+                  seed: int) -> tuple[list[PreferencePair], list[PreferencePair]]:
+  """(train, held-out) pairs: the pairs of a seeded `fraction` of the annotation records
+  (problems) are held out, so no held-out context was trained on."""
+  if not 0 <= fraction < 1:
+    raise ValueError(f"holdout_fraction={fraction}: expected in [0, 1)")
+  held = set(np.random.default_rng(seed).permutation(num_records)[:round(fraction * num_records)]
+             .tolist())
+  train = [p for p in pairs if p.record_index not in held]
+  heldout = [p for p in pairs if p.record_index in held]
+  if not train:
+    raise ValueError(f"no training pair left after holding out {len(held)} of {num_records} "
+                     "problems: lower qmodel.holdout_fraction or annotate more problems")
+  return train, heldout
+
+
+def acceptance_checks(policies: Mapping[str, Mapping[str, Sequence[float]]]) -> list[dict]:
+  """The issue's checks on the per-seed accuracies (first policy = the data generator):
+  Q-guided mean >= (1 + 20%) x greedy mean for it, Q-guided mean > greedy mean for the others."""
+  checks = []
+  for i, (name, acc) in enumerate(policies.items()):
+    greedy, _ = mean_spread(acc["greedy"])
+    guided, _ = mean_spread(acc["q_guided"])
+    gain = relative_gain(guided, greedy)
+    if i == 0:
+      target = f"Q-guided >= {1 + TARGET_RELATIVE_GAIN:.2f} x greedy for {name} (data policy)"
+      met = guided >= (1 + TARGET_RELATIVE_GAIN) * greedy
+    else:
+      target = f"Q-guided > greedy for {name} (transfer)"
+      met = guided > greedy
+    checks.append({"policy": name, "check": target, "met": bool(met), "greedy": greedy,
+                   "q_guided": guided, "relative_gain": gain})
+  return checks
+
+
+def make_table(results: Mapping[str, Any]) -> str:
+  """table.md: accuracy per policy and method (mean +- std over seeds), gains, compute, the
+  paper's numbers and the acceptance checks."""
+  seeds = results["config"]["seeds"]
+  rows = []
+  for name, acc in results["policies"].items():
+    for method in ("greedy", "q_guided"):
+      mean, spread = mean_spread(acc[method])
+      comp = results["compute"][name][method]
+      rows.append([name, method, f"{100 * mean:.1f} ± {100 * spread:.1f}",
+                   " / ".join(f"{100 * a:.1f}" for a in acc[method]),
+                   comp["tokens_decoded"], comp["model_calls"], comp["seconds"]])
+  md = ["# Step-level Q-value model (step-DPO) on the arithmetic task", "",
+        f"Seeds {seeds}; {results['config']['eval']['num_problems']} test problems per seed "
+        "(a different test set per seed); mean ± sample std over seeds.", "",
+        markdown_table(["policy", "method", "accuracy %", "per seed %", "tokens decoded / problem",
+                        "model calls / seed", "seconds / seed"], rows, floatfmt=".1f"), "",
+        "## Relative gain of Q-guided selection over greedy", ""]
+  gains = [[c["policy"], f"{100 * c['greedy']:.1f}", f"{100 * c['q_guided']:.1f}",
+            f"{100 * c['relative_gain']:+.1f}%"] for c in results["checks"]]
+  md += [markdown_table(["policy", "greedy %", "Q-guided %", "relative gain"], gains), "",
+         "Paper (Zhai et al. 2024, Phi-3-mini): "
+         + ", ".join(f"{k} {100 * v:+.0f}% relative" for k, v in PAPER_RELATIVE_GAINS.items())
+         + ".", "", "## Acceptance checks (issue 12)", ""]
+  md += [f"- {c['check']}: **{'met' if c['met'] else 'not met'}** (greedy {100 * c['greedy']:.1f}%, "
+         f"Q-guided {100 * c['q_guided']:.1f}%, {100 * c['relative_gain']:+.1f}% relative)"
+         for c in results["checks"]]
+  md += ["", "## Data and Q-model per seed", ""]
+  md += [markdown_table(
+    ["seed", "annotated problems", "pairs (train / held out)", "dropped ties", "MCTS tokens / "
+     "problem", "annotation s", "DPO steps", "DPO s", "held-out pair accuracy %",
+     "train pair accuracy %"],
+    [[s["seed"], s["annotation"]["num_problems"],
+      f"{s['qmodel']['train_pairs']} / {s['qmodel']['heldout_pairs']}",
+      s["annotation"]["dropped_tie"], f"{s['annotation']['tokens_decoded']:.0f}",
+      f"{s['annotation']['seconds']:.0f}", s["qmodel"]["steps"], f"{s['qmodel']['seconds']:.0f}",
+      _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"])]
+     for s in results["seeds"]])]
+  return "\n".join(md)
+
+
+def _pct(x: float | None) -> str:
+  return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def make_plot(out: pathlib.Path, results: Mapping[str, Any]) -> None:
+  fig, ax = new_figure(figsize=(6, 4))
+  names = list(results["policies"])
+  for j, method in enumerate(("greedy", "q_guided")):
+    means = [100 * mean_spread(results["policies"][n][method])[0] for n in names]
+    spreads = [100 * mean_spread(results["policies"][n][method])[1] for n in names]
+    xs = np.arange(len(names)) + (j - 0.5) * 0.35
+    ax.bar(xs, means, width=0.35, yerr=spreads, capsize=4, label=method)
+    for i, n in enumerate(names):
+      ax.scatter([xs[i]] * len(results["policies"][n][method]),
+                 [100 * a for a in results["policies"][n][method]], color="k", s=8, zorder=3)
+  ax.set_xticks(np.arange(len(names)), names)
+  ax.set_ylabel("test accuracy %")
+  k = results["config"]["eval"]["num_candidates"]
+  ax.set_title(f"greedy vs Q-guided (K = {k}), step-DPO Q-model")
+  ax.legend()
+  ax.grid(alpha=0.3, axis="y")
+  save_plot(fig, out / "accuracy.png")
+
+
+# ---------------------------------------------------------------------------------- the stages
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: pathlib.Path, value: Any) -> Any:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(value, indent=2))
+  tmp.replace(path)
+  return value
+
+
+def second_policy(cfg: QValueConfig, policy_a: ArithmeticPolicy,
+                  out: pathlib.Path) -> ArithmeticPolicy:
+  """Policy B in `out/policy_b`: trained once with A's tokenizer, loaded on reruns."""
+  folder = out / "policy_b"
+  if not (folder / "config.json").is_file():
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(policy_a.path / "tokenizer.model", folder / "tokenizer.model")
+    train_arithmetic_policy(dataclasses.replace(cfg.policy_b, out=str(folder), install=False),
+                            command=f"experiments.qvalue_stepdpo policy_b (out={folder})")
+  return load_arithmetic_policy(folder)
+
+
+def _spec(policy: ArithmeticPolicy, cfg: QValueConfig) -> StepSpec:
+  return StepSpec(stop_ids=(policy.newline_id,), eos_ids=(policy.eos_id,),
+                  max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id)
+
+
+def _prompts(policy: ArithmeticPolicy, problems: Sequence[Any]) -> list[list[int]]:
+  return [[policy.bos_id, *policy.tokenizer.encode(
+    policy_prompt(p.question, prompt_format=policy.prompt_format))] for p in problems]
+
+
+def _batches(prompts: Sequence[Sequence[int]], batch: int, width: int):
+  """(start, number of real rows, tokens [batch, width], lengths [batch]) per batch; the last
+  batch is filled with copies of its last prompt (one shape: one compiled program)."""
+  for start in range(0, len(prompts), batch):
+    rows = list(prompts[start:start + batch])
+    real = len(rows)
+    rows += [rows[-1]] * (batch - real)
+    tokens, lengths = pad_prompts(rows, bucket=width)
+    yield start, real, tokens, lengths
+
+
+def annotate(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int,
+             folder: pathlib.Path) -> dict[str, Any]:
+  """MCTS annotation of `annotation.num_problems` train problems and their step pairs (files in
+  `folder`); returns the stage's record (counts, compute)."""
+  done = _read_json(folder / "annotation.json")
+  if done is not None:
+    return done
+  a = cfg.annotation
+  problems = generate_problems(seed, a.num_problems, split="train", start=a.train_start)
+  prompts = _prompts(policy, problems)
+  width = pad_prompts(prompts)[0].shape[1]
+  scorer = VerifierReward(policy.tokenizer, max_answer_chars=a.max_answer_chars)
+  sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=a.temperature)
+  records, tokens, overflow, t0 = [], 0, 0, time.perf_counter()
+  for start, real, prompt_tokens, lengths in progress(
+      list(_batches(prompts, a.batch, width)), desc=f"annotate seed {seed}", unit="batch"):
+    refs = [str(p.answer) for p in problems[start:start + real]]
+    refs += [refs[-1]] * (a.batch - real)
+    params = PolicyValueParams(policy=policy.params, value=verifier_value_params(
+      prompt_tokens, lengths, encode_answers(refs, a.max_answer_chars)))
+    result = mcts_step_search(
+      params, jax.random.key(seed * 7919 + start), graphdef=policy.graphdef,
+      prompt_tokens=prompt_tokens, prompt_lengths=lengths, spec=_spec(policy, cfg),
+      sampling=sampling, num_actions=a.num_actions, num_simulations=a.num_simulations,
+      max_depth=cfg.max_depth, policy=a.mcts_policy, episode=True, value_source="rollout",
+      expand_fn=scored_expand(scorer), value_fn=zero_value)
+    result = jax.block_until_ready(result)
+    tokens += int(np.asarray(result.tokens_decoded)[:real].sum())
+    overflow += int(np.asarray(result.overflow)[:real].sum())
+    meta = [{"question": p.question, "answer": str(p.answer)}
+            for p in problems[start:start + real]]
+    batch_records = mcts_annotations(result, tokenizer=policy.tokenizer, problems=meta,
+                                     prompt_ids=prompts[start:start + real])[:real]
+    for r, record in enumerate(batch_records):
+      record["index"] = start + r
+    records += batch_records
+  seconds = time.perf_counter() - t0
+  _write_jsonl(folder / "annotations.jsonl", records)
+  extraction = preference_pairs_from_annotations(records)
+  write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
+  solved = [_solves(r, p) for r, p in zip(records, problems, strict=True)]
+  return _write_json(folder / "annotation.json", {
+    "num_problems": len(problems), "num_pairs": len(extraction.pairs),
+    "num_depths": extraction.num_depths, "skipped_few_q": extraction.skipped_few_q,
+    "dropped_tie": extraction.dropped_tie, "dropped_identical": extraction.dropped_identical,
+    "best_trajectory_accuracy": float(np.mean(solved)),
+    "tokens_decoded": tokens / len(problems), "overflow": overflow, "seconds": seconds})
+
+
+def _solves(record: Mapping[str, Any], problem: Any) -> bool:
+  answer = stated_answer(record.get("text") or "")
+  return answer is not None and answers_match(answer, str(problem.answer))
+
+
+def _write_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  with tmp.open("w") as f:
+    for record in records:
+      f.write(json.dumps(record) + "\n")
+  tmp.replace(path)
+
+
+def pair_accuracy(graphdef: nnx.GraphDef, params: Any, reference_params: Any,
+                  pairs: Sequence[PreferencePair], *, beta: float, pad_id: int,
+                  batch_size: int = 64) -> float:
+  """Share of pairs whose step-DPO margin is positive, i.e. Q(chosen) > Q(rejected) under the
+  Q-model (`dpo_loss_fn`'s `accuracy`, mean_tokens=True); NaN for no pairs."""
+  if not pairs:
+    return float("nan")
+  loss_fn = jax.jit(dpo_loss_fn(graphdef, beta=beta, mean_tokens=True))
+  width = max(len(p.context_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+  hits = 0.0
+  for start in range(0, len(pairs), batch_size):   # a full batch and a last one: two programs
+    chunk = pairs[start:start + batch_size]
+    _, aux = loss_fn(params, pad_pairs(chunk, pad_id=pad_id, width=-(-width // 16) * 16), None,
+                     reference_params)
+    hits += float(aux["accuracy"]) * len(chunk)
+  return hits / len(pairs)
+
+
+def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder: pathlib.Path,
+                 annotation: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(Q-model params, record): step-DPO of a copy of A against A (frozen) on the pairs of the
+  non-held-out problems; rerunning restores the run's last checkpoint (and continues it)."""
+  q = cfg.qmodel
+  pairs = read_reasoning_jsonl(folder / "pairs.jsonl", PreferencePair)
+  train_pairs, heldout = holdout_split(pairs, num_records=annotation["num_problems"],
+                                       fraction=q.holdout_fraction, seed=seed)
+  t0 = time.perf_counter()
+  # A copy: the train loop's updates must never touch the reference's buffers.
+  result = run_preference(
+    policy.graphdef, jax.tree.map(np.array, policy.params), train_pairs,
+    reference_params=policy.params, pad_id=policy.pad_id, beta=q.beta, mean_tokens=True,
+    cfg=dataclasses.replace(q.run, seed=seed), out_dir=folder / "qmodel")
+  seconds = time.perf_counter() - t0
+  record = _read_json(folder / "qmodel.json")
+  if record is None:
+    accuracy = functools.partial(pair_accuracy, policy.graphdef, result.params, policy.params,
+                                 beta=q.beta, pad_id=policy.pad_id)
+    record = _write_json(folder / "qmodel.json", {
+      "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
+      "resumed_from": result.resumed_from, "last_train_loss": result.last_train_loss,
+      "seconds": seconds, "steps_per_s": result.steps_per_s,
+      "heldout_pair_accuracy": accuracy(heldout), "train_pair_accuracy": accuracy(train_pairs),
+      "reference_pair_accuracy_heldout": pair_accuracy(
+        policy.graphdef, policy.params, policy.params, heldout, beta=q.beta,
+        pad_id=policy.pad_id)})
+  return result.params, record
+
+
+def _grade(method: str, result: Any, tokenizer: Any, references: Sequence[str]) -> int:
+  answers = method_answers(method, result, tokenizer=tokenizer)[:len(references)]
+  return sum(a is not None and answers_match(a, r)
+             for (a, _), r in zip(answers, references, strict=True))
+
+
+def evaluate_policy(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, *,
+                    q_graphdef: nnx.GraphDef, q_params: Any,
+                    reference_params: Any) -> dict[str, dict[str, float]]:
+  """Greedy and Q-guided accuracy of `policy` on the seed's test problems, with compute."""
+  e = cfg.eval
+  problems = generate_problems(seed, e.num_problems, split="test")
+  prompts = _prompts(policy, problems)
+  width = pad_prompts(prompts)[0].shape[1]
+  spec = _spec(policy, cfg)
+  sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=e.temperature)
+  expand = scored_expand(LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True))
+  stats = {m: {"correct": 0, "tokens": 0, "calls": 0, "seconds": 0.0, "overflow": 0}
+           for m in ("greedy", "q_guided")}
+  for start, real, tokens, lengths in progress(list(_batches(prompts, e.batch, width)),
+                                               desc=f"evaluate seed {seed}", unit="batch"):
+    key = jax.random.key(seed * 100003 + start)
+    common = dict(graphdef=policy.graphdef, prompt_tokens=tokens, prompt_lengths=lengths,
+                  spec=spec, max_depth=cfg.max_depth)
+    refs = [str(p.answer) for p in problems[start:start + real]]
+    for method in ("greedy", "q_guided"):
+      t0 = time.perf_counter()
+      if method == "greedy":
+        result = sample_solutions(PolicyValueParams(policy=policy.params), key,
+                                  sampling=sampling.replace(greedy=True), num_samples=1,
+                                  **common)
+      else:
+        value = q_model_value_params(q_params, reference_params, tokens, lengths)
+        result = q_guided_search(PolicyValueParams(policy=policy.params, value=value), key,
+                                 sampling=sampling, num_candidates=e.num_candidates,
+                                 expand_fn=expand, value_fn=zero_value, **common)
+      result = jax.block_until_ready(result)
+      s = stats[method]
+      s["seconds"] += time.perf_counter() - t0
+      s["correct"] += _grade(method, result, policy.tokenizer, refs)
+      s["tokens"] += int(np.asarray(result.tokens_decoded)[:real].sum())
+      s["overflow"] += int(np.asarray(result.overflow)[:real].sum())
+      s["calls"] += int(result.model_calls)
+  n = len(problems)
+  return {m: {"accuracy": s["correct"] / n, "tokens_decoded": s["tokens"] / n,
+              "model_calls": s["calls"], "seconds": s["seconds"], "overflow": s["overflow"],
+              "n_problems": n} for m, s in stats.items()}
+
+
+def _policy_name(tag: str, policy: ArithmeticPolicy) -> str:
+  c = policy.model_config
+  return f"{tag} ({c.num_layers} layers, width {c.hidden_size})"
+
+
+def run(cfg: QValueConfig) -> dict[str, Any]:
+  if not cfg.seeds:
+    raise ValueError("seeds=[]: expected at least one seed")
+  out = pathlib.Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  policy_a = load_arithmetic_policy(cfg.policy or None)
+  policy_b = second_policy(cfg, policy_a, out)
+  if policy_b.model_config.vocab_size != policy_a.model_config.vocab_size:
+    raise ValueError(f"policy B ({out / 'policy_b'}) has a vocabulary of "
+                     f"{policy_b.model_config.vocab_size} tokens, policy A "
+                     f"{policy_a.model_config.vocab_size}: expected A's tokenizer")
+  policies = {_policy_name("A", policy_a): policy_a, _policy_name("B", policy_b): policy_b}
+  per_seed, evals = [], []
+  for seed in cfg.seeds:
+    folder = out / f"seed{seed}"
+    annotation = annotate(cfg, policy_a, seed, folder)
+    evaluation = _read_json(folder / "eval.json")
+    qmodel = _read_json(folder / "qmodel.json")
+    if evaluation is None or qmodel is None:
+      q_params, qmodel = train_qmodel(cfg, policy_a, seed, folder, annotation)
+      evaluation = _write_json(folder / "eval.json", {
+        name: evaluate_policy(cfg, p, seed, q_graphdef=policy_a.graphdef, q_params=q_params,
+                              reference_params=policy_a.params)
+        for name, p in policies.items()})
+    per_seed.append({"seed": seed, "annotation": annotation, "qmodel": qmodel})
+    evals.append(evaluation)
+  results = {"config": config_to_dict(cfg), "policies": {}, "compute": {}, "seeds": per_seed}
+  for name in policies:
+    results["policies"][name] = {m: [ev[name][m]["accuracy"] for ev in evals]
+                                 for m in ("greedy", "q_guided")}
+    results["compute"][name] = {
+      m: {k: float(np.mean([ev[name][m][k] for ev in evals]))
+          for k in ("tokens_decoded", "model_calls", "seconds", "overflow")}
+      for m in ("greedy", "q_guided")}
+  results["compute"]["annotation_tokens_decoded_per_problem"] = float(np.mean(
+    [s["annotation"]["tokens_decoded"] for s in per_seed]))
+  results["compute"]["policy_b_train_seconds"] = policy_b.config.get("wall_time_s")
+  results["compute"]["wall_seconds"] = time.perf_counter() - t_start
+  results["checks"] = acceptance_checks(results["policies"])
+  write_results(out, results=results, table_md=make_table(results))
+  make_plot(out, results)
+  print(make_table(results))
+  return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  cfg = parse_config(QValueConfig, sys.argv[1:] if argv is None else argv, presets_dir=PRESETS)
+  return run(cfg)
+
+
+if __name__ == "__main__":
+  main()

@@ -23,14 +23,17 @@ from qstar_jax.envs.arithmetic import (
 )
 from qstar_jax.losses.lm import token_log_probs
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
-from qstar_jax.models.llama import apply
+from qstar_jax.models.llama import apply, apply_hidden
 from qstar_jax.search.steps import lm_searches
 from qstar_jax.search.steps.lm_mcts import mcts_annotations, mcts_step_search
 from qstar_jax.search.steps.methods import pad_prompts
 from qstar_jax.search.steps.scorers import (
   LogRatioQ,
+  ModelValue,
+  PathLogRatio,
   VerifierReward,
   encode_answers,
+  model_value_params,
   path_tokens,
   q_model_value_params,
   scored_expand,
@@ -135,6 +138,43 @@ def test_log_ratio_q_equals_plain_forwards(searched):
   same = scorer(q_model_value_params(params.policy, params.policy, tokens, lengths), tree,
                 jnp.asarray(nodes))
   assert np.all(np.asarray(same) == 0.0)
+
+
+def test_path_log_ratio_and_model_value_equal_plain_forwards(searched):
+  """PathLogRatio = beta * sum of log pi_prm - log pi_ref over all solution tokens so far;
+  ModelValue = head . (final-normed hidden after the node's last token); by plain forwards."""
+  result, tokens, lengths, nodes, other, _ = searched
+  tree = result.tree
+  graphdef, params = tiny_policy()
+  paths = [_host_path(tree, int(n), tokens, lengths) for n in nodes]
+  width = max(len(ids) for ids, _ in paths)
+  host = np.zeros((len(paths), width), np.int32)
+  for row, (ids, _) in enumerate(paths):
+    host[row, :len(ids)] = ids
+  ratio = np.asarray(_plain_log_probs(params.policy, jnp.asarray(host))
+                     - _plain_log_probs(other.policy, jnp.asarray(host)))
+  prompt = [PROMPT_LENGTHS[int(tree.cache.node_problem[n])] for n in nodes]
+  expected = [BETA * ratio[row, prompt[row] - 1:len(ids) - 1].sum()
+              for row, (ids, _) in enumerate(paths)]
+  value = q_model_value_params(params.policy, other.policy, tokens, lengths)
+  got = jax.jit(PathLogRatio(graphdef, beta=BETA))(value, tree, jnp.asarray(nodes))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+  assert np.array_equal(np.asarray(got) != 0, np.asarray(tree.cache.node_depth)[nodes] > 0)
+
+  rng = np.random.default_rng(0)
+  head = {"kernel": rng.normal(size=(np.asarray(tree.hidden).shape[1], 1)).astype(np.float32),
+          "bias": np.array([0.25], np.float32)}
+  hidden, _ = apply_hidden(graphdef, other.policy, jnp.asarray(host))
+  last = np.asarray(hidden)[np.arange(len(paths)), [len(ids) - 1 for ids, _ in paths]]
+  got = jax.jit(ModelValue(graphdef))(model_value_params(other.policy, head, tokens, lengths),
+                                      tree, jnp.asarray(nodes))
+  np.testing.assert_allclose(np.asarray(got), last @ head["kernel"][:, 0] + 0.25, rtol=1e-5,
+                             atol=1e-5)
+  # With the policy's own weights it reads the tree's own hidden states (linear_value's input).
+  own = jax.jit(ModelValue(graphdef))(model_value_params(params.policy, head, tokens, lengths),
+                                      tree, jnp.asarray(nodes))
+  np.testing.assert_allclose(np.asarray(own), np.asarray(tree.hidden)[nodes] @ head["kernel"][:, 0]
+                             + 0.25, rtol=1e-4, atol=1e-4)
 
 
 def test_q_guided_search_keeps_the_highest_q_candidate(searched):

@@ -49,11 +49,15 @@ from qstar_jax.search.steps.result import (
 from qstar_jax.search.steps.rollout import StepRollout, step_rollout
 from qstar_jax.search.steps.scorers import (
   LogRatioQ,
+  ModelValue,
   NodeScorer,
+  PathLogRatio,
   PathTokens,
   ScoredExpand,
   VerifierReward,
   encode_answers,
+  model_value_params,
+  path_log_probs,
   path_tokens,
   path_width,
   q_model_value_params,
@@ -87,7 +91,8 @@ __all__ = [
   "sample_solutions", "stated_answer", "step_rollout", "tree_capacity", "vote",
   "weighted_majority_answer", "write_mcts_annotations",
   # node scorers (verifier reward, step-DPO Q-model) written into tree.value
-  "LogRatioQ", "NodeScorer", "PathTokens", "ScoredExpand", "VerifierReward", "encode_answers",
-  "path_tokens", "path_width", "q_model_value_params", "scored_expand", "verifier_value_params",
+  "LogRatioQ", "ModelValue", "NodeScorer", "PathLogRatio", "PathTokens", "ScoredExpand",
+  "VerifierReward", "encode_answers", "model_value_params", "path_log_probs", "path_tokens",
+  "path_width", "q_model_value_params", "scored_expand", "verifier_value_params",
   "zero_value",
 ]

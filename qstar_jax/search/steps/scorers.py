@@ -19,6 +19,11 @@ unchanged. `params.value` is then the scorer's dict, and the search's `value_fn`
   reference; they must share the policy's tokenizer), by
   full causal forwards (no KV cache) over prompt + ancestor steps + the node's step.
 
+- `PathLogRatio`: an implicit PRM's value of a partial solution (PRIME), `beta * sum over all
+  its solution tokens of (log pi_prm - log pi_ref)`.
+- `ModelValue`: a separate value model's linear head on its own hidden state after the node's
+  last token (OREO's value model run beside another policy).
+
 `path_tokens` assembles those sequences from the tree (traceable).
 
 References: Zhai et al., "Enhancing Decision-Making for LLM Agents via Step-Level Q-Value
@@ -48,11 +53,15 @@ from qstar_jax.search.steps.step_tree import (
 
 __all__ = [
   "LogRatioQ",
+  "ModelValue",
   "NodeScorer",
+  "PathLogRatio",
   "PathTokens",
   "ScoredExpand",
   "VerifierReward",
   "encode_answers",
+  "model_value_params",
+  "path_log_probs",
   "path_tokens",
   "path_width",
   "q_model_value_params",
@@ -340,3 +349,73 @@ class LogRatioQ:
     if self.mean_tokens:
       total = total / jnp.maximum(count, 1).astype(jnp.float32)
     return (float(self.beta) * total).astype(jnp.float32)
+
+
+def path_log_probs(graphdef: nnx.GraphDef, params: Any, paths: PathTokens) -> jax.Array:
+  """[M, width - 1] float32 log pi(tok_{p+1} | tok_{<=p}) of every path position under Llama
+  state `params`, 0 outside the solution (the tokens after the prompt, up to the path's end)."""
+  hidden, _ = apply_hidden(graphdef, params, paths.tokens)                        # [M, W, D]
+  logp = jax.nn.log_softmax(apply_logits(graphdef, params, hidden[:, :-1]).astype(jnp.float32),
+                            axis=-1)                                              # [M, W-1, V]
+  targets = paths.tokens[:, 1:]
+  lp = jnp.take_along_axis(logp, targets[:, :, None], axis=-1)[:, :, 0]
+  pos = jnp.arange(1, paths.tokens.shape[1])[None, :]                             # target index
+  solution = (pos >= paths.prompt_length[:, None]) & (pos < paths.lengths[:, None])
+  return jnp.where(solution, lp, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class PathLogRatio:
+  """Implicit PRM value of a partial solution (PRIME): `beta * sum over every solution token so
+  far of (log pi_prm - log pi_ref)`, i.e. the sum of the per-token process rewards
+  `r_t = beta * log pi_prm / pi_ref` from the prompt's end to the node's end; 0 for a root.
+
+  value_params: `q_model_value_params(prm_params, reference_params, prompts, lengths)` (the
+  PRM in the "q" slot). Full forwards over each node's path (`path_tokens`), one LM head call
+  per position.
+  """
+
+  graphdef: nnx.GraphDef
+  beta: float
+
+  def __post_init__(self):
+    if not float(self.beta) > 0:
+      raise ValueError(f"PathLogRatio: beta={self.beta!r}: expected > 0")
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    _require(value_params, ("q", "reference", "prompt_tokens", "prompt_lengths"), "PathLogRatio")
+    paths = path_tokens(tree, jnp.asarray(nodes, jnp.int32), value_params["prompt_tokens"],
+                        value_params["prompt_lengths"])
+    ratio = (path_log_probs(self.graphdef, value_params["q"], paths)
+             - path_log_probs(self.graphdef, value_params["reference"], paths))
+    return (float(self.beta) * jnp.sum(ratio, axis=1)).astype(jnp.float32)
+
+
+def model_value_params(model_params: Any, head: Mapping[str, Any], prompt_tokens: Any,
+                       prompt_lengths: Any) -> dict[str, Any]:
+  """`params.value` of a `ModelValue` search: a value model's Llama state, its linear head
+  (`{"kernel": [D, 1], "bias": [1]}`) and the prompts [B, P], [B]."""
+  return {"model": model_params,
+          "head": {"kernel": jnp.asarray(head["kernel"], jnp.float32),
+                   "bias": jnp.asarray(head["bias"], jnp.float32)},
+          "prompt_tokens": jnp.asarray(prompt_tokens, jnp.int32),
+          "prompt_lengths": jnp.asarray(prompt_lengths, jnp.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelValue:
+  """A separate value model's V(s): its linear head on its own final-normed hidden state after
+  the node's last token (OREO's value model, or an outcome-regression value of another model;
+  the same reading as `linear_value` on the policy's own tree). Roots score their prompt's
+  state. value_params: `model_value_params(...)`."""
+
+  graphdef: nnx.GraphDef
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    _require(value_params, ("model", "head", "prompt_tokens", "prompt_lengths"), "ModelValue")
+    paths = path_tokens(tree, jnp.asarray(nodes, jnp.int32), value_params["prompt_tokens"],
+                        value_params["prompt_lengths"])
+    hidden, _ = apply_hidden(self.graphdef, value_params["model"], paths.tokens)  # [M, W, D]
+    last = jnp.maximum(paths.lengths - 1, 0)
+    state = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]        # [M, D]
+    return linear_value(value_params["head"], state)

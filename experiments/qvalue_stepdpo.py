@@ -49,7 +49,6 @@ from qstar_jax.data.reasoning import (
   PreferencePair,
   pad_pairs,
   preference_pairs_from_annotations,
-  read_reasoning_jsonl,
   write_reasoning_jsonl,
 )
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
@@ -80,7 +79,13 @@ from qstar_jax.training.arithmetic_policy import (
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.progress import progress
-from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.results import (
+  markdown_table,
+  new_figure,
+  save_plot,
+  to_jsonable,
+  write_results,
+)
 from qstar_jax.training.train_loop import TrainLoopConfig
 from qstar_jax.training.value_learning import dpo_loss_fn
 from qstar_jax.training.value_runs import ValueRunConfig, run_preference
@@ -105,16 +110,19 @@ def _policy_b_default() -> ArithmeticPolicyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AnnotationConfig:
-  num_problems: int = 256         # train problems per seed (MCTS episodes of policy A)
+  num_problems: int = 128         # train problems per seed (MCTS episodes of policy A)
   # generate_problems(seed, n, split="train", start=train_start): past the committed policy's
   # SFT and value-fit problems of seed 0 (16,512), so seed 0 annotates unseen problems too.
   train_start: int = 20000
-  batch: int = 32                 # problems per MCTS call
+  batch: int = 64                 # problems per MCTS call
   num_actions: int = 4            # K candidate steps per node
   num_simulations: int = 16       # per decision
   mcts_policy: str = "gumbel_muzero"
   temperature: float = 1.0        # candidate and rollout sampling
   max_answer_chars: int = 24
+  # Pairs whose Q gap is smaller are dropped: with a few rollouts per sibling a small gap is
+  # mostly Monte Carlo noise (e.g. two wrong steps at Q 1/6 and 0).
+  min_q_gap: float = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,16 +130,16 @@ class QModelConfig:
   beta: float = 0.1               # step-DPO beta (also the Q scale at selection)
   holdout_fraction: float = 0.2   # share of the annotated problems whose pairs are held out
   run: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
-    num_steps=150, batch_size=16,
+    num_steps=100, batch_size=16,
     optim=OptimizerConfig(lr=1e-4, warmup_steps=15, weight_decay=0.0), checkpoint_every=50))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  num_problems: int = 200         # test problems per seed: generate_problems(seed, n, "test")
+  num_problems: int = 100         # test problems per seed: generate_problems(seed, n, "test")
   batch: int = 100
   num_candidates: int = 5         # K of the Q-guided selection
-  temperature: float = 1.0        # the candidates' sampling temperature
+  temperature: float = 0.7        # the candidates' sampling temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,7 +240,7 @@ def make_table(results: Mapping[str, Any]) -> str:
      "train pair accuracy %"],
     [[s["seed"], s["annotation"]["num_problems"],
       f"{s['qmodel']['train_pairs']} / {s['qmodel']['heldout_pairs']}",
-      s["annotation"]["dropped_tie"], f"{s['annotation']['tokens_decoded']:.0f}",
+      s["qmodel"]["pairs"]["dropped_tie"], f"{s['annotation']['tokens_decoded']:.0f}",
       f"{s['annotation']['seconds']:.0f}", s["qmodel"]["steps"], f"{s['qmodel']['seconds']:.0f}",
       _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"])]
      for s in results["seeds"]])]
@@ -271,9 +279,11 @@ def _read_json(path: pathlib.Path) -> Any:
 
 
 def _write_json(path: pathlib.Path, value: Any) -> Any:
+  """Writes `value` (NaN as null) and returns what a later `_read_json` will read."""
+  value = to_jsonable(value)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
+  tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
   tmp.replace(path)
   return value
 
@@ -349,15 +359,23 @@ def annotate(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int,
     records += batch_records
   seconds = time.perf_counter() - t0
   _write_jsonl(folder / "annotations.jsonl", records)
-  extraction = preference_pairs_from_annotations(records)
-  write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
   solved = [_solves(r, p) for r, p in zip(records, problems, strict=True)]
   return _write_json(folder / "annotation.json", {
-    "num_problems": len(problems), "num_pairs": len(extraction.pairs),
-    "num_depths": extraction.num_depths, "skipped_few_q": extraction.skipped_few_q,
-    "dropped_tie": extraction.dropped_tie, "dropped_identical": extraction.dropped_identical,
-    "best_trajectory_accuracy": float(np.mean(solved)),
+    "num_problems": len(problems), "best_trajectory_accuracy": float(np.mean(solved)),
     "tokens_decoded": tokens / len(problems), "overflow": overflow, "seconds": seconds})
+
+
+def step_pairs(cfg: QValueConfig, folder: pathlib.Path) -> tuple[list[PreferencePair],
+                                                                 dict[str, int]]:
+  """The step pairs of the seed's annotations (rewritten to `pairs.jsonl`) and the counts of
+  what was looked at and dropped (cheap: redone on every run, so `min_q_gap` may change)."""
+  records = [json.loads(line) for line in (folder / "annotations.jsonl").read_text().splitlines()
+             if line.strip()]
+  extraction = preference_pairs_from_annotations(records, min_q_gap=cfg.annotation.min_q_gap)
+  write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
+  counts = {k: getattr(extraction, k) for k in (
+    "num_depths", "skipped_few_q", "dropped_tie", "dropped_identical", "dropped_small_gap")}
+  return list(extraction.pairs), {"num_pairs": len(extraction.pairs), **counts}
 
 
 def _solves(record: Mapping[str, Any], problem: Any) -> bool:
@@ -397,7 +415,7 @@ def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder:
   """(Q-model params, record): step-DPO of a copy of A against A (frozen) on the pairs of the
   non-held-out problems; rerunning restores the run's last checkpoint (and continues it)."""
   q = cfg.qmodel
-  pairs = read_reasoning_jsonl(folder / "pairs.jsonl", PreferencePair)
+  pairs, counts = step_pairs(cfg, folder)
   train_pairs, heldout = holdout_split(pairs, num_records=annotation["num_problems"],
                                        fraction=q.holdout_fraction, seed=seed)
   t0 = time.perf_counter()
@@ -412,7 +430,7 @@ def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder:
     accuracy = functools.partial(pair_accuracy, policy.graphdef, result.params, policy.params,
                                  beta=q.beta, pad_id=policy.pad_id)
     record = _write_json(folder / "qmodel.json", {
-      "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
+      "pairs": counts, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
       "resumed_from": result.resumed_from, "last_train_loss": result.last_train_loss,
       "seconds": seconds, "steps_per_s": result.steps_per_s,
       "heldout_pair_accuracy": accuracy(heldout), "train_pair_accuracy": accuracy(train_pairs),

@@ -57,9 +57,8 @@ def test_make_table_reports_numbers_and_checks():
   policies = {"A": {"greedy": [0.3, 0.4], "q_guided": [0.5, 0.5]},
               "B": {"greedy": [0.1, 0.1], "q_guided": [0.05, 0.05]}}
   method = {"tokens_decoded": 40.0, "model_calls": 10.0, "seconds": 1.0, "overflow": 0.0}
-  seed = {"annotation": {"num_problems": 8, "dropped_tie": 3, "tokens_decoded": 900.0,
-                         "seconds": 5.0},
-          "qmodel": {"train_pairs": 6, "heldout_pairs": 2, "steps": 4, "seconds": 2.0,
+  seed = {"annotation": {"num_problems": 8, "tokens_decoded": 900.0, "seconds": 5.0},
+          "qmodel": {"pairs": {"dropped_tie": 3}, "train_pairs": 6, "heldout_pairs": 2, "steps": 4, "seconds": 2.0,
                      "heldout_pair_accuracy": 0.5, "train_pair_accuracy": float("nan")}}
   results = {"config": {"seeds": [0, 1], "eval": {"num_problems": 8, "num_candidates": 5}},
              "policies": policies,

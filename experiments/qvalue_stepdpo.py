@@ -26,7 +26,12 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    paper's numbers, the acceptance checks met / not met), `out/accuracy.png`.
 
 Every stage writes its files and is skipped when they exist; a killed step-DPO run resumes from
-its last checkpoint (`out/seed{s}/qmodel`).
+its last checkpoint (`out/seed{s}/qmodel`). The stage files are not keyed by the config: after
+changing a setting of a stage, delete its files (or use another `out`).
+
+`task=gsm8k` (preset gpu): the same stages on GSM8K train / test questions with pretrained chat
+models (`gsm8k.model` = A, `gsm8k.model_b` = B, which must share A's tokenizer), zero-shot
+prompts, one step per line.
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ import pathlib
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from qstar_jax.data.gsm8k import load_gsm8k
 from qstar_jax.data.reasoning import (
   PreferencePair,
   pad_pairs,
@@ -53,8 +59,9 @@ from qstar_jax.data.reasoning import (
 )
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.envs.grading import answers_match, stated_answer
+from qstar_jax.models import load_pretrained
 from qstar_jax.models.arithmetic_policy import ArithmeticPolicy, load_arithmetic_policy
-from qstar_jax.models.decoding import SamplingConfig
+from qstar_jax.models.decoding import SamplingConfig, delimiter_token_ids
 from qstar_jax.search.steps.lm_mcts import mcts_annotations, mcts_step_search
 from qstar_jax.search.steps.lm_searches import q_guided_search, sample_solutions
 from qstar_jax.search.steps.methods import method_answers, pad_prompts
@@ -68,6 +75,7 @@ from qstar_jax.search.steps.scorers import (
   zero_value,
 )
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
+from qstar_jax.search.steps.tasks import GSM8K_FINAL_TEXTS, gsm8k_prompt
 from qstar_jax.training.arithmetic_policy import (
   ArithmeticPolicyConfig,
   PolicyEvalConfig,
@@ -87,7 +95,7 @@ from qstar_jax.training.results import (
   write_results,
 )
 from qstar_jax.training.train_loop import TrainLoopConfig
-from qstar_jax.training.value_learning import dpo_loss_fn
+from qstar_jax.training.value_learning import check_reference_vocabulary, dpo_loss_fn
 from qstar_jax.training.value_runs import ValueRunConfig, run_preference
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "qvalue_stepdpo"
@@ -143,10 +151,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gsm8kPolicies:
+  """task=gsm8k: pretrained chat models (registered name or HF directory), zero-shot prompts."""
+  model: str = "smollm2"          # policy A (generates the data; the Q-model starts from it)
+  model_b: str = ""               # policy B: an HF directory with A's tokenizer (required)
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
 class QValueConfig:
   out: str = "runs/qvalue_stepdpo"
   seeds: tuple[int, ...] = (0, 1, 2)
-  policy: str = ""                # policy A's folder; "" = the committed arithmetic policy
+  task: str = "arithmetic"        # or "gsm8k" (train / test questions of GSM8K)
+  policy: str = ""                # arithmetic: policy A's folder; "" = the committed policy
+  gsm8k: Gsm8kPolicies = Gsm8kPolicies()
   policy_b: ArithmeticPolicyConfig = dataclasses.field(default_factory=_policy_b_default)
   max_depth: int = 6              # steps per solution at most (annotation and evaluation)
   max_step_tokens: int = 16
@@ -288,26 +306,90 @@ def _write_json(path: pathlib.Path, value: Any) -> Any:
   return value
 
 
-def second_policy(cfg: QValueConfig, policy_a: ArithmeticPolicy,
-                  out: pathlib.Path) -> ArithmeticPolicy:
-  """Policy B in `out/policy_b`: trained once with A's tokenizer, loaded on reruns."""
-  folder = out / "policy_b"
-  if not (folder / "config.json").is_file():
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(policy_a.path / "tokenizer.model", folder / "tokenizer.model")
-    train_arithmetic_policy(dataclasses.replace(cfg.policy_b, out=str(folder), install=False),
-                            command=f"experiments.qvalue_stepdpo policy_b (out={folder})")
-  return load_arithmetic_policy(folder)
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  question: str
+  answer: str
 
 
-def _spec(policy: ArithmeticPolicy, cfg: QValueConfig) -> StepSpec:
-  return StepSpec(stop_ids=(policy.newline_id,), eos_ids=(policy.eos_id,),
-                  max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id)
+@dataclasses.dataclass(frozen=True)
+class StepPolicy:
+  """A policy as the stages use it: its split Llama, tokenizer, step definition and prompts."""
+  name: str
+  graphdef: nnx.GraphDef
+  params: Any
+  tokenizer: Any
+  spec: StepSpec
+  prompt: Callable[[str], list[int]]   # question -> prompt ids
+  train_seconds: float | None = None   # what training it here cost (policy B), if it was
 
 
-def _prompts(policy: ArithmeticPolicy, problems: Sequence[Any]) -> list[list[int]]:
-  return [[policy.bos_id, *policy.tokenizer.encode(
-    policy_prompt(p.question, prompt_format=policy.prompt_format))] for p in problems]
+def _arithmetic_policy(tag: str, policy: ArithmeticPolicy, cfg: QValueConfig, *,
+                       train_seconds: float | None = None) -> StepPolicy:
+  c = policy.model_config
+  return StepPolicy(
+    name=f"{tag} ({c.num_layers} layers, width {c.hidden_size})", graphdef=policy.graphdef,
+    params=policy.params, tokenizer=policy.tokenizer,
+    spec=StepSpec(stop_ids=(policy.newline_id,), eos_ids=(policy.eos_id,),
+                  max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id),
+    prompt=lambda q: [policy.bos_id, *policy.tokenizer.encode(
+      policy_prompt(q, prompt_format=policy.prompt_format))],
+    train_seconds=train_seconds)
+
+
+def _pretrained_policy(tag: str, spec: str, cfg: QValueConfig) -> StepPolicy:
+  model, tokenizer = load_pretrained(spec, dtype=cfg.gsm8k.dtype)
+  if tokenizer is None:
+    raise ValueError(f"gsm8k model {spec!r} has no tokenizer; the search needs one")
+  graphdef, params = nnx.split(model)
+  markers = tuple(tuple(tokenizer.encode(t)) for t in GSM8K_FINAL_TEXTS)
+  pad = tokenizer.pad_id if getattr(tokenizer, "pad_id", None) is not None else 0
+  step = StepSpec(stop_ids=delimiter_token_ids(tokenizer, "\n"),
+                  eos_ids=tuple(tokenizer.eos_ids), max_step_tokens=cfg.max_step_tokens,
+                  final_markers=markers, pad_id=pad)
+  c = model.config
+  return StepPolicy(name=f"{tag} ({pathlib.Path(spec).name}, {c.num_layers} layers)",
+                    graphdef=graphdef, params=params, tokenizer=tokenizer, spec=step,
+                    prompt=lambda q: gsm8k_prompt(tokenizer, q))
+
+
+def load_policies(cfg: QValueConfig, out: pathlib.Path) -> tuple[StepPolicy, StepPolicy]:
+  """(A, B) of the task; arithmetic B is trained into `out/policy_b` once (A's tokenizer
+  copied there first), then loaded. B's vocabulary must be A's (the Q-model scores B's steps)."""
+  if cfg.task == "arithmetic":
+    a = load_arithmetic_policy(cfg.policy or None)
+    folder = out / "policy_b"
+    if not (folder / "config.json").is_file():
+      folder.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(a.path / "tokenizer.model", folder / "tokenizer.model")
+      train_arithmetic_policy(dataclasses.replace(cfg.policy_b, out=str(folder), install=False),
+                              command=f"experiments.qvalue_stepdpo policy_b (out={folder})")
+    b = load_arithmetic_policy(folder)
+    policy_a = _arithmetic_policy("A", a, cfg)
+    policy_b = _arithmetic_policy("B", b, cfg, train_seconds=b.config.get("wall_time_s"))
+  elif cfg.task == "gsm8k":
+    if not cfg.gsm8k.model_b:
+      raise ValueError("task=gsm8k needs gsm8k.model_b=HF_DIR: a second policy that shares "
+                       f"policy A's ({cfg.gsm8k.model}) tokenizer")
+    policy_a = _pretrained_policy("A", cfg.gsm8k.model, cfg)
+    policy_b = _pretrained_policy("B", cfg.gsm8k.model_b, cfg)
+  else:
+    raise ValueError(f"task={cfg.task!r}: expected 'arithmetic' or 'gsm8k'")
+  check_reference_vocabulary(policy_b.graphdef, policy_b.params, policy_a.params,
+                             reference_graphdef=policy_a.graphdef)
+  return policy_a, policy_b
+
+
+def task_problems(cfg: QValueConfig, seed: int, count: int, split: str) -> list[Problem]:
+  """arithmetic: `generate_problems(seed, count, split=split)` (train from
+  `annotation.train_start`); gsm8k: a seeded sample of `count` questions of the split."""
+  if cfg.task == "arithmetic":
+    start = cfg.annotation.train_start if split == "train" else 0
+    return [Problem(p.question, str(p.answer))
+            for p in generate_problems(seed, count, split=split, start=start)]
+  records = load_gsm8k(split)
+  order = np.random.default_rng(seed).permutation(len(records))[:count]
+  return [Problem(records[i]["question"], records[i]["final_answer"]) for i in order]
 
 
 def _batches(prompts: Sequence[Sequence[int]], batch: int, width: int):
@@ -321,7 +403,7 @@ def _batches(prompts: Sequence[Sequence[int]], batch: int, width: int):
     yield start, real, tokens, lengths
 
 
-def annotate(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int,
+def annotate(cfg: QValueConfig, policy: StepPolicy, seed: int,
              folder: pathlib.Path) -> dict[str, Any]:
   """MCTS annotation of `annotation.num_problems` train problems and their step pairs (files in
   `folder`); returns the stage's record (counts, compute)."""
@@ -329,28 +411,28 @@ def annotate(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int,
   if done is not None:
     return done
   a = cfg.annotation
-  problems = generate_problems(seed, a.num_problems, split="train", start=a.train_start)
-  prompts = _prompts(policy, problems)
+  problems = task_problems(cfg, seed, a.num_problems, "train")
+  prompts = [policy.prompt(p.question) for p in problems]
   width = pad_prompts(prompts)[0].shape[1]
   scorer = VerifierReward(policy.tokenizer, max_answer_chars=a.max_answer_chars)
   sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=a.temperature)
   records, tokens, overflow, t0 = [], 0, 0, time.perf_counter()
   for start, real, prompt_tokens, lengths in progress(
       list(_batches(prompts, a.batch, width)), desc=f"annotate seed {seed}", unit="batch"):
-    refs = [str(p.answer) for p in problems[start:start + real]]
+    refs = [p.answer for p in problems[start:start + real]]
     refs += [refs[-1]] * (a.batch - real)
     params = PolicyValueParams(policy=policy.params, value=verifier_value_params(
       prompt_tokens, lengths, encode_answers(refs, a.max_answer_chars)))
     result = mcts_step_search(
       params, jax.random.key(seed * 7919 + start), graphdef=policy.graphdef,
-      prompt_tokens=prompt_tokens, prompt_lengths=lengths, spec=_spec(policy, cfg),
+      prompt_tokens=prompt_tokens, prompt_lengths=lengths, spec=policy.spec,
       sampling=sampling, num_actions=a.num_actions, num_simulations=a.num_simulations,
       max_depth=cfg.max_depth, policy=a.mcts_policy, episode=True, value_source="rollout",
       expand_fn=scored_expand(scorer), value_fn=zero_value)
     result = jax.block_until_ready(result)
     tokens += int(np.asarray(result.tokens_decoded)[:real].sum())
     overflow += int(np.asarray(result.overflow)[:real].sum())
-    meta = [{"question": p.question, "answer": str(p.answer)}
+    meta = [{"question": p.question, "answer": p.answer}
             for p in problems[start:start + real]]
     batch_records = mcts_annotations(result, tokenizer=policy.tokenizer, problems=meta,
                                      prompt_ids=prompts[start:start + real])[:real]
@@ -378,9 +460,9 @@ def step_pairs(cfg: QValueConfig, folder: pathlib.Path) -> tuple[list[Preference
   return list(extraction.pairs), {"num_pairs": len(extraction.pairs), **counts}
 
 
-def _solves(record: Mapping[str, Any], problem: Any) -> bool:
+def _solves(record: Mapping[str, Any], problem: Problem) -> bool:
   answer = stated_answer(record.get("text") or "")
-  return answer is not None and answers_match(answer, str(problem.answer))
+  return answer is not None and answers_match(answer, problem.answer)
 
 
 def _write_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
@@ -410,7 +492,7 @@ def pair_accuracy(graphdef: nnx.GraphDef, params: Any, reference_params: Any,
   return hits / len(pairs)
 
 
-def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder: pathlib.Path,
+def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathlib.Path,
                  annotation: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
   """(Q-model params, record): step-DPO of a copy of A against A (frozen) on the pairs of the
   non-held-out problems; rerunning restores the run's last checkpoint (and continues it)."""
@@ -422,13 +504,13 @@ def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder:
   # A copy: the train loop's updates must never touch the reference's buffers.
   result = run_preference(
     policy.graphdef, jax.tree.map(np.array, policy.params), train_pairs,
-    reference_params=policy.params, pad_id=policy.pad_id, beta=q.beta, mean_tokens=True,
+    reference_params=policy.params, pad_id=policy.spec.pad_id, beta=q.beta, mean_tokens=True,
     cfg=dataclasses.replace(q.run, seed=seed), out_dir=folder / "qmodel")
   seconds = time.perf_counter() - t0
   record = _read_json(folder / "qmodel.json")
   if record is None:
     accuracy = functools.partial(pair_accuracy, policy.graphdef, result.params, policy.params,
-                                 beta=q.beta, pad_id=policy.pad_id)
+                                 beta=q.beta, pad_id=policy.spec.pad_id)
     record = _write_json(folder / "qmodel.json", {
       "pairs": counts, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
       "resumed_from": result.resumed_from, "last_train_loss": result.last_train_loss,
@@ -436,7 +518,7 @@ def train_qmodel(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, folder:
       "heldout_pair_accuracy": accuracy(heldout), "train_pair_accuracy": accuracy(train_pairs),
       "reference_pair_accuracy_heldout": pair_accuracy(
         policy.graphdef, policy.params, policy.params, heldout, beta=q.beta,
-        pad_id=policy.pad_id)})
+        pad_id=policy.spec.pad_id)})
   return result.params, record
 
 
@@ -446,15 +528,14 @@ def _grade(method: str, result: Any, tokenizer: Any, references: Sequence[str]) 
              for (a, _), r in zip(answers, references, strict=True))
 
 
-def evaluate_policy(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, *,
+def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
                     q_graphdef: nnx.GraphDef, q_params: Any,
                     reference_params: Any) -> dict[str, dict[str, float]]:
   """Greedy and Q-guided accuracy of `policy` on the seed's test problems, with compute."""
   e = cfg.eval
-  problems = generate_problems(seed, e.num_problems, split="test")
-  prompts = _prompts(policy, problems)
+  problems = task_problems(cfg, seed, e.num_problems, "test")
+  prompts = [policy.prompt(p.question) for p in problems]
   width = pad_prompts(prompts)[0].shape[1]
-  spec = _spec(policy, cfg)
   sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=e.temperature)
   expand = scored_expand(LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True))
   stats = {m: {"correct": 0, "tokens": 0, "calls": 0, "seconds": 0.0, "overflow": 0}
@@ -463,8 +544,8 @@ def evaluate_policy(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, *,
                                                desc=f"evaluate seed {seed}", unit="batch"):
     key = jax.random.key(seed * 100003 + start)
     common = dict(graphdef=policy.graphdef, prompt_tokens=tokens, prompt_lengths=lengths,
-                  spec=spec, max_depth=cfg.max_depth)
-    refs = [str(p.answer) for p in problems[start:start + real]]
+                  spec=policy.spec, max_depth=cfg.max_depth)
+    refs = [p.answer for p in problems[start:start + real]]
     for method in ("greedy", "q_guided"):
       t0 = time.perf_counter()
       if method == "greedy":
@@ -489,24 +570,14 @@ def evaluate_policy(cfg: QValueConfig, policy: ArithmeticPolicy, seed: int, *,
               "n_problems": n} for m, s in stats.items()}
 
 
-def _policy_name(tag: str, policy: ArithmeticPolicy) -> str:
-  c = policy.model_config
-  return f"{tag} ({c.num_layers} layers, width {c.hidden_size})"
-
-
 def run(cfg: QValueConfig) -> dict[str, Any]:
   if not cfg.seeds:
     raise ValueError("seeds=[]: expected at least one seed")
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
-  policy_a = load_arithmetic_policy(cfg.policy or None)
-  policy_b = second_policy(cfg, policy_a, out)
-  if policy_b.model_config.vocab_size != policy_a.model_config.vocab_size:
-    raise ValueError(f"policy B ({out / 'policy_b'}) has a vocabulary of "
-                     f"{policy_b.model_config.vocab_size} tokens, policy A "
-                     f"{policy_a.model_config.vocab_size}: expected A's tokenizer")
-  policies = {_policy_name("A", policy_a): policy_a, _policy_name("B", policy_b): policy_b}
+  policy_a, policy_b = load_policies(cfg, out)
+  policies = {policy_a.name: policy_a, policy_b.name: policy_b}
   per_seed, evals = [], []
   for seed in cfg.seeds:
     folder = out / f"seed{seed}"
@@ -531,7 +602,7 @@ def run(cfg: QValueConfig) -> dict[str, Any]:
       for m in ("greedy", "q_guided")}
   results["compute"]["annotation_tokens_decoded_per_problem"] = float(np.mean(
     [s["annotation"]["tokens_decoded"] for s in per_seed]))
-  results["compute"]["policy_b_train_seconds"] = policy_b.config.get("wall_time_s")
+  results["compute"]["policy_b_train_seconds"] = policy_b.train_seconds
   results["compute"]["wall_seconds"] = time.perf_counter() - t_start
   results["checks"] = acceptance_checks(results["policies"])
   write_results(out, results=results, table_md=make_table(results))

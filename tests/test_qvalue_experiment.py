@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from experiments import qvalue_stepdpo as qv
+from qstar_jax.data.gsm8k import load_gsm8k
 from qstar_jax.data.reasoning import PreferencePair
+from qstar_jax.envs.arithmetic import generate_problems
+from qstar_jax.training.config import parse_config
 
 
 def _pair(record: int) -> PreferencePair:
@@ -71,6 +75,30 @@ def test_make_table_reports_numbers_and_checks():
   assert "for A (data policy): **met**" in md
   assert "for B (transfer): **not met**" in md
   assert "+103% relative" in md and "+75% relative" in md
+
+
+def test_gsm8k_path_config_and_problems(tmp_path):
+  cfg = parse_config(qv.QValueConfig, ["preset=gpu"], presets_dir=qv.PRESETS)
+  assert (cfg.task, cfg.gsm8k.model, cfg.max_step_tokens) == ("gsm8k", "smollm2", 48)
+  with pytest.raises(ValueError, match="gsm8k.model_b=HF_DIR"):
+    qv.load_policies(cfg, tmp_path)
+  with pytest.raises(ValueError, match="task='chess'"):
+    qv.load_policies(dataclasses.replace(cfg, task="chess"), tmp_path)
+  problems = qv.task_problems(cfg, 1, 3, "test")
+  records = {r["question"]: r["final_answer"] for r in load_gsm8k("test")}
+  assert len({p.question for p in problems}) == 3
+  assert all(records[p.question] == p.answer for p in problems)
+  assert qv.task_problems(cfg, 1, 3, "test") == problems          # seeded
+  assert qv.task_problems(cfg, 2, 3, "test") != problems
+
+
+def test_arithmetic_problems_train_start_past_the_sft_corpus():
+  cfg = qv.QValueConfig()
+  train = qv.task_problems(cfg, 0, 2, "train")
+  expected = generate_problems(0, 2, split="train", start=cfg.annotation.train_start)
+  assert [(p.question, p.answer) for p in train] == [(e.question, str(e.answer)) for e in expected]
+  test = qv.task_problems(cfg, 0, 2, "test")
+  assert [p.question for p in test] == [e.question for e in generate_problems(0, 2, split="test")]
 
 
 @pytest.mark.slow

@@ -262,6 +262,13 @@ def make_table(results: Mapping[str, Any]) -> str:
       f"{s['annotation']['seconds']:.0f}", s["qmodel"]["steps"], f"{s['qmodel']['seconds']:.0f}",
       _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"])]
      for s in results["seeds"]])]
+  held = [s["qmodel"]["heldout_pair_accuracy"] for s in results["seeds"]]
+  held = [h for h in held if h is not None and h == h]
+  if held:
+    n_held = np.mean([s["qmodel"]["heldout_pairs"] for s in results["seeds"]])
+    md += ["", f"Held-out pair accuracy of the Q-models (Q(chosen) > Q(rejected) on the pairs of "
+           f"problems not trained on; 50% = chance): {100 * np.mean(held):.1f}% mean over "
+           f"seeds, {n_held:.0f} held-out pairs per seed."]
   return "\n".join(md)
 
 

@@ -75,6 +75,7 @@ def test_make_table_reports_numbers_and_checks():
   assert "for A (data policy): **met**" in md
   assert "for B (transfer): **not met**" in md
   assert "+103% relative" in md and "+75% relative" in md
+  assert "50.0% mean over seeds, 2 held-out pairs per seed" in md
 
 
 def test_gsm8k_path_config_and_problems(tmp_path):

@@ -27,6 +27,7 @@ from qstar_jax.models import load_pretrained
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
 from qstar_jax.models.decoding import delimiter_token_ids
 from qstar_jax.search.steps.methods import SearchBudget, method_answers, pad_prompts, run_method
+from qstar_jax.search.steps.scorers import NodeScorer, scored_expand, zero_value
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
 
 __all__ = ["ArithmeticTask", "Gsm8kTask", "SearchTask", "arithmetic_task", "evaluate",
@@ -121,8 +122,20 @@ def gsm8k_task(cfg: Gsm8kTask) -> SearchTask:
 
 
 def evaluate(task: SearchTask, method: str, budget: SearchBudget, *, seed: int,
-             on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
-  """Runs `method` over the task's problems in batches; accuracy and compute."""
+             on_batch: Callable[[int], None] | None = None, scorer: NodeScorer | None = None,
+             scorer_params: Callable[[np.ndarray, np.ndarray], Any] | None = None
+             ) -> dict[str, Any]:
+  """Runs `method` over the task's problems in batches; accuracy and compute.
+
+  With `scorer` (a `scorers.NodeScorer`: a step-DPO Q-model, an implicit PRM, a separate value
+  model) the nodes are scored by it instead of the task's value head: each batch's
+  `params.value` is `scorer_params(prompt_tokens [B, P], prompt_lengths [B])` (e.g.
+  `scorers.q_model_value_params` with the models bound), the policy stays the task's.
+  """
+  if (scorer is None) != (scorer_params is None):
+    raise ValueError("evaluate: scorer and scorer_params go together (the scorer reads "
+                     "scorer_params(prompt_tokens, prompt_lengths) as params.value)")
+  extra = {} if scorer is None else {"expand_fn": scored_expand(scorer), "value_fn": zero_value}
   width = pad_prompts(task.prompts)[0].shape[1]   # one width for every batch: one program
   correct, tokens, calls, overflow, no_answer = 0, 0, 0, 0, 0
   seconds = 0.0
@@ -134,9 +147,11 @@ def evaluate(task: SearchTask, method: str, budget: SearchBudget, *, seed: int,
     rows += [rows[-1]] * (task.batch - real)       # a full last batch: same shapes
     prompt_tokens, lengths = pad_prompts(rows, bucket=width)
     t0 = time.perf_counter()
-    result = run_method(method, task.params, jax.random.key(seed * 100003 + i),
+    params = task.params if scorer is None else PolicyValueParams(
+      policy=task.params.policy, value=scorer_params(prompt_tokens, lengths))
+    result = run_method(method, params, jax.random.key(seed * 100003 + i),
                         graphdef=task.graphdef, prompt_tokens=prompt_tokens,
-                        prompt_lengths=lengths, spec=task.spec, budget=budget)
+                        prompt_lengths=lengths, spec=task.spec, budget=budget, **extra)
     result = jax.block_until_ready(result)
     seconds += time.perf_counter() - t0
     answers = method_answers(method, result, tokenizer=task.tokenizer)[:real]

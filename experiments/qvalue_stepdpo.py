@@ -262,6 +262,11 @@ def make_table(results: Mapping[str, Any]) -> str:
       f"{s['annotation']['seconds']:.0f}", s["qmodel"]["steps"], f"{s['qmodel']['seconds']:.0f}",
       _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"])]
      for s in results["seeds"]])]
+  stages = results["compute"].get("stage_seconds")
+  if stages:
+    md += ["", "Compute, seconds as each stage ran (compilation included): " + ", ".join(
+      f"{k.replace('_', ' ')} {v:.0f} s" for k, v in stages.items() if k != "total")
+      + f"; total {stages['total']:.0f} s ({stages['total'] / 60:.1f} min)."]
   held = [s["qmodel"]["heldout_pair_accuracy"] for s in results["seeds"]]
   held = [h for h in held if h is not None and h == h]
   if held:
@@ -609,8 +614,15 @@ def run(cfg: QValueConfig) -> dict[str, Any]:
       for m in ("greedy", "q_guided")}
   results["compute"]["annotation_tokens_decoded_per_problem"] = float(np.mean(
     [s["annotation"]["tokens_decoded"] for s in per_seed]))
-  results["compute"]["policy_b_train_seconds"] = policy_b.train_seconds
-  results["compute"]["wall_seconds"] = time.perf_counter() - t_start
+  stages = {"policy_b_train": policy_b.train_seconds or 0.0,
+            "annotation": sum(s["annotation"]["seconds"] for s in per_seed),
+            "step_dpo": sum(s["qmodel"]["seconds"] for s in per_seed),
+            "evaluation": sum(ev[n][m]["seconds"] for ev in evals for n in policies
+                              for m in ("greedy", "q_guided"))}
+  # Seconds of each stage as recorded when it ran (a rerun that reads the stages' files adds
+  # only this invocation's seconds, reported apart).
+  results["compute"]["stage_seconds"] = {**stages, "total": sum(stages.values())}
+  results["compute"]["this_invocation_seconds"] = time.perf_counter() - t_start
   results["checks"] = acceptance_checks(results["policies"])
   write_results(out, results=results, table_md=make_table(results))
   make_plot(out, results)

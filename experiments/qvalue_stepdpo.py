@@ -7,8 +7,8 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    data. B = a second, different policy (`policy_b`: by default a 2-layer Llama SFT'd with
    another seed and fewer steps by `train_arithmetic_policy`) sharing A's tokenizer (A's
    `tokenizer.model` is copied into `out/policy_b` first), so the Q-model can score B's steps.
-2. Annotation, per seed: MCTS episodes of A on train problems (`mcts_step_search`, episode,
-   `value_source="rollout"`) with the verifier reward as the node score (`VerifierReward`: a
+2. Annotation, per seed: MCTS episodes of A on train problems (`training.annotate_with_mcts`:
+   `mcts_step_search`, episode, `value_source="rollout"`) with the verifier reward as the node score (`VerifierReward`: a
    finished solution scores 1 iff it states the reference answer), so the edges' Q-values are
    Monte Carlo outcome estimates; `mcts_annotations` -> `out/seed{s}/annotations.jsonl`; step
    pairs (chosen = highest-Q sibling, rejected = lowest, `preference_pairs_from_annotations`)
@@ -18,8 +18,8 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    accuracy (Q(chosen) > Q(rejected)) on the held-out pairs is the quick diagnostic.
 4. Evaluation on test problems (`generate_problems(seed, n, split="test")`), per seed and
    policy: greedy, and Q-guided selection: K candidate steps sampled from the policy, the one of
-   highest `Q = beta * mean_tokens(log pi_q - log pi_A)` kept (`q_guided_search` with
-   `scored_expand(LogRatioQ(...))`). Compute: tokens the policy decoded per problem, model
+   highest `Q = beta * mean_tokens(log pi_q - log pi_A)` kept (`tasks.evaluate` with the
+   scorer `LogRatioQ`: `q_guided_search` with `scored_expand(LogRatioQ(...))`). Compute: tokens the policy decoded per problem, model
    calls, seconds (the Q-model's forwards are in the seconds).
 5. `out/results.json` (`{"config", "policies": {NAME: {"greedy": [acc per seed], "q_guided":
    [...]}}, "compute", ...}`, A first), `out/table.md` (mean +- spread, relative gains, the
@@ -61,21 +61,16 @@ from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models import load_pretrained
 from qstar_jax.models.arithmetic_policy import ArithmeticPolicy, load_arithmetic_policy
-from qstar_jax.models.decoding import SamplingConfig, delimiter_token_ids
-from qstar_jax.search.steps.lm_mcts import mcts_annotations, mcts_step_search
-from qstar_jax.search.steps.lm_searches import q_guided_search, sample_solutions
-from qstar_jax.search.steps.methods import method_answers, pad_prompts
+from qstar_jax.models.decoding import delimiter_token_ids
+from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.scorers import (
   LogRatioQ,
-  VerifierReward,
-  encode_answers,
   q_model_value_params,
-  scored_expand,
-  verifier_value_params,
-  zero_value,
 )
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
-from qstar_jax.search.steps.tasks import GSM8K_FINAL_TEXTS, gsm8k_prompt
+from qstar_jax.search.steps.tasks import GSM8K_FINAL_TEXTS, SearchTask, evaluate, gsm8k_prompt
+from qstar_jax.training.annotation import AnnotationConfig as MctsAnnotationConfig
+from qstar_jax.training.annotation import annotate_with_mcts
 from qstar_jax.training.arithmetic_policy import (
   ArithmeticPolicyConfig,
   PolicyEvalConfig,
@@ -86,7 +81,6 @@ from qstar_jax.training.arithmetic_policy import (
 )
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
-from qstar_jax.training.progress import progress
 from qstar_jax.training.results import (
   markdown_table,
   new_figure,
@@ -404,59 +398,30 @@ def task_problems(cfg: QValueConfig, seed: int, count: int, split: str) -> list[
   return [Problem(records[i]["question"], records[i]["final_answer"]) for i in order]
 
 
-def _batches(prompts: Sequence[Sequence[int]], batch: int, width: int):
-  """(start, number of real rows, tokens [batch, width], lengths [batch]) per batch; the last
-  batch is filled with copies of its last prompt (one shape: one compiled program)."""
-  for start in range(0, len(prompts), batch):
-    rows = list(prompts[start:start + batch])
-    real = len(rows)
-    rows += [rows[-1]] * (batch - real)
-    tokens, lengths = pad_prompts(rows, bucket=width)
-    yield start, real, tokens, lengths
-
-
 def annotate(cfg: QValueConfig, policy: StepPolicy, seed: int,
              folder: pathlib.Path) -> dict[str, Any]:
-  """MCTS annotation of `annotation.num_problems` train problems and their step pairs (files in
-  `folder`); returns the stage's record (counts, compute)."""
+  """MCTS annotation (`training.annotate_with_mcts`) of `annotation.num_problems` train
+  problems into `folder/annotations.jsonl`; returns the stage's record (counts, compute)."""
   done = _read_json(folder / "annotation.json")
   if done is not None:
     return done
   a = cfg.annotation
   problems = task_problems(cfg, seed, a.num_problems, "train")
-  prompts = [policy.prompt(p.question) for p in problems]
-  width = pad_prompts(prompts)[0].shape[1]
-  scorer = VerifierReward(policy.tokenizer, max_answer_chars=a.max_answer_chars)
-  sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=a.temperature)
-  records, tokens, overflow, t0 = [], 0, 0, time.perf_counter()
-  for start, real, prompt_tokens, lengths in progress(
-      list(_batches(prompts, a.batch, width)), desc=f"annotate seed {seed}", unit="batch"):
-    refs = [p.answer for p in problems[start:start + real]]
-    refs += [refs[-1]] * (a.batch - real)
-    params = PolicyValueParams(policy=policy.params, value=verifier_value_params(
-      prompt_tokens, lengths, encode_answers(refs, a.max_answer_chars)))
-    result = mcts_step_search(
-      params, jax.random.key(seed * 7919 + start), graphdef=policy.graphdef,
-      prompt_tokens=prompt_tokens, prompt_lengths=lengths, spec=policy.spec,
-      sampling=sampling, num_actions=a.num_actions, num_simulations=a.num_simulations,
-      max_depth=cfg.max_depth, policy=a.mcts_policy, episode=True, value_source="rollout",
-      expand_fn=scored_expand(scorer), value_fn=zero_value)
-    result = jax.block_until_ready(result)
-    tokens += int(np.asarray(result.tokens_decoded)[:real].sum())
-    overflow += int(np.asarray(result.overflow)[:real].sum())
-    meta = [{"question": p.question, "answer": p.answer}
-            for p in problems[start:start + real]]
-    batch_records = mcts_annotations(result, tokenizer=policy.tokenizer, problems=meta,
-                                     prompt_ids=prompts[start:start + real])[:real]
-    for r, record in enumerate(batch_records):
-      record["index"] = start + r
-    records += batch_records
-  seconds = time.perf_counter() - t0
-  _write_jsonl(folder / "annotations.jsonl", records)
-  solved = [_solves(r, p) for r, p in zip(records, problems, strict=True)]
+  result = annotate_with_mcts(
+    policy.graphdef, policy.params, tokenizer=policy.tokenizer, spec=policy.spec,
+    prompts=[policy.prompt(p.question) for p in problems],
+    answers=[p.answer for p in problems], max_depth=cfg.max_depth, seed=seed,
+    cfg=MctsAnnotationConfig(num_actions=a.num_actions, num_simulations=a.num_simulations,
+                             temperature=a.temperature, mcts_policy=a.mcts_policy,
+                             batch=a.batch, max_answer_chars=a.max_answer_chars),
+    problems=[{"question": p.question, "answer": p.answer} for p in problems],
+    desc=f"annotate seed {seed}")
+  _write_jsonl(folder / "annotations.jsonl", result.records)
+  solved = [_solves(r, p) for r, p in zip(result.records, problems, strict=True)]
   return _write_json(folder / "annotation.json", {
     "num_problems": len(problems), "best_trajectory_accuracy": float(np.mean(solved)),
-    "tokens_decoded": tokens / len(problems), "overflow": overflow, "seconds": seconds})
+    "tokens_decoded": result.tokens_decoded, "overflow": result.overflow,
+    "seconds": result.seconds})
 
 
 def step_pairs(cfg: QValueConfig, folder: pathlib.Path) -> tuple[list[PreferencePair],
@@ -534,52 +499,30 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
   return result.params, record
 
 
-def _grade(method: str, result: Any, tokenizer: Any, references: Sequence[str]) -> int:
-  answers = method_answers(method, result, tokenizer=tokenizer)[:len(references)]
-  return sum(a is not None and answers_match(a, r)
-             for (a, _), r in zip(answers, references, strict=True))
-
-
 def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
                     q_graphdef: nnx.GraphDef, q_params: Any,
                     reference_params: Any) -> dict[str, dict[str, float]]:
-  """Greedy and Q-guided accuracy of `policy` on the seed's test problems, with compute."""
+  """Greedy and Q-guided accuracy of `policy` on the seed's test problems, with compute
+  (`tasks.evaluate`; Q-guided scores its candidates with the Q-model, `LogRatioQ`)."""
   e = cfg.eval
   problems = task_problems(cfg, seed, e.num_problems, "test")
-  prompts = [policy.prompt(p.question) for p in problems]
-  width = pad_prompts(prompts)[0].shape[1]
-  sampling = SamplingConfig(max_new_tokens=cfg.max_step_tokens, temperature=e.temperature)
-  expand = scored_expand(LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True))
-  stats = {m: {"correct": 0, "tokens": 0, "calls": 0, "seconds": 0.0, "overflow": 0}
-           for m in ("greedy", "q_guided")}
-  for start, real, tokens, lengths in progress(list(_batches(prompts, e.batch, width)),
-                                               desc=f"evaluate seed {seed}", unit="batch"):
-    key = jax.random.key(seed * 100003 + start)
-    common = dict(graphdef=policy.graphdef, prompt_tokens=tokens, prompt_lengths=lengths,
-                  spec=policy.spec, max_depth=cfg.max_depth)
-    refs = [p.answer for p in problems[start:start + real]]
-    for method in ("greedy", "q_guided"):
-      t0 = time.perf_counter()
-      if method == "greedy":
-        result = sample_solutions(PolicyValueParams(policy=policy.params), key,
-                                  sampling=sampling.replace(greedy=True), num_samples=1,
-                                  **common)
-      else:
-        value = q_model_value_params(q_params, reference_params, tokens, lengths)
-        result = q_guided_search(PolicyValueParams(policy=policy.params, value=value), key,
-                                 sampling=sampling, num_candidates=e.num_candidates,
-                                 expand_fn=expand, value_fn=zero_value, **common)
-      result = jax.block_until_ready(result)
-      s = stats[method]
-      s["seconds"] += time.perf_counter() - t0
-      s["correct"] += _grade(method, result, policy.tokenizer, refs)
-      s["tokens"] += int(np.asarray(result.tokens_decoded)[:real].sum())
-      s["overflow"] += int(np.asarray(result.overflow)[:real].sum())
-      s["calls"] += int(result.model_calls)
-  n = len(problems)
-  return {m: {"accuracy": s["correct"] / n, "tokens_decoded": s["tokens"] / n,
-              "model_calls": s["calls"], "seconds": s["seconds"], "overflow": s["overflow"],
-              "n_problems": n} for m, s in stats.items()}
+  task = SearchTask(
+    name=cfg.task, graphdef=policy.graphdef, params=PolicyValueParams(policy=policy.params),
+    tokenizer=policy.tokenizer, spec=policy.spec,
+    prompts=tuple(tuple(policy.prompt(p.question)) for p in problems),
+    references=tuple(p.answer for p in problems),
+    questions=tuple(p.question for p in problems), batch=e.batch)
+  budget = SearchBudget(q_candidates=e.num_candidates, temperature=e.temperature,
+                        max_depth=cfg.max_depth)
+  out = {}
+  for method in ("greedy", "q_guided"):
+    scorer = {} if method == "greedy" else dict(
+      scorer=LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True),
+      scorer_params=functools.partial(q_model_value_params, q_params, reference_params))
+    point = evaluate(task, method, budget, seed=seed, **scorer)
+    out[method] = {k: point[k] for k in ("accuracy", "tokens_decoded", "model_calls", "seconds",
+                                         "overflow", "n_problems", "no_answer")}
+  return out
 
 
 def run(cfg: QValueConfig) -> dict[str, Any]:

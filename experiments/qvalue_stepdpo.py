@@ -84,8 +84,9 @@ from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.results import (
   markdown_table,
   new_figure,
+  read_json,
   save_plot,
-  to_jsonable,
+  write_json,
   write_results,
 )
 from qstar_jax.training.train_loop import TrainLoopConfig
@@ -298,20 +299,6 @@ def make_plot(out: pathlib.Path, results: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------- the stages
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: pathlib.Path, value: Any) -> Any:
-  """Writes `value` (NaN as null) and returns what a later `_read_json` will read."""
-  value = to_jsonable(value)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2, allow_nan=False))
-  tmp.replace(path)
-  return value
-
-
 @dataclasses.dataclass(frozen=True)
 class Problem:
   question: str
@@ -402,7 +389,7 @@ def annotate(cfg: QValueConfig, policy: StepPolicy, seed: int,
              folder: pathlib.Path) -> dict[str, Any]:
   """MCTS annotation (`training.annotate_with_mcts`) of `annotation.num_problems` train
   problems into `folder/annotations.jsonl`; returns the stage's record (counts, compute)."""
-  done = _read_json(folder / "annotation.json")
+  done = read_json(folder / "annotation.json")
   if done is not None:
     return done
   a = cfg.annotation
@@ -418,7 +405,7 @@ def annotate(cfg: QValueConfig, policy: StepPolicy, seed: int,
     desc=f"annotate seed {seed}")
   _write_jsonl(folder / "annotations.jsonl", result.records)
   solved = [_solves(r, p) for r, p in zip(result.records, problems, strict=True)]
-  return _write_json(folder / "annotation.json", {
+  return write_json(folder / "annotation.json", {
     "num_problems": len(problems), "best_trajectory_accuracy": float(np.mean(solved)),
     "tokens_decoded": result.tokens_decoded, "overflow": result.overflow,
     "seconds": result.seconds})
@@ -484,11 +471,11 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
     reference_params=policy.params, pad_id=policy.spec.pad_id, beta=q.beta, mean_tokens=True,
     cfg=dataclasses.replace(q.run, seed=seed), out_dir=folder / "qmodel")
   seconds = time.perf_counter() - t0
-  record = _read_json(folder / "qmodel.json")
+  record = read_json(folder / "qmodel.json")
   if record is None:
     accuracy = functools.partial(pair_accuracy, policy.graphdef, result.params, policy.params,
                                  beta=q.beta, pad_id=policy.spec.pad_id)
-    record = _write_json(folder / "qmodel.json", {
+    record = write_json(folder / "qmodel.json", {
       "pairs": counts, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
       "resumed_from": result.resumed_from, "last_train_loss": result.last_train_loss,
       "seconds": seconds, "steps_per_s": result.steps_per_s,
@@ -537,11 +524,11 @@ def run(cfg: QValueConfig) -> dict[str, Any]:
   for seed in cfg.seeds:
     folder = out / f"seed{seed}"
     annotation = annotate(cfg, policy_a, seed, folder)
-    evaluation = _read_json(folder / "eval.json")
-    qmodel = _read_json(folder / "qmodel.json")
+    evaluation = read_json(folder / "eval.json")
+    qmodel = read_json(folder / "qmodel.json")
     if evaluation is None or qmodel is None:
       q_params, qmodel = train_qmodel(cfg, policy_a, seed, folder, annotation)
-      evaluation = _write_json(folder / "eval.json", {
+      evaluation = write_json(folder / "eval.json", {
         name: evaluate_policy(cfg, p, seed, q_graphdef=policy_a.graphdef, q_params=q_params,
                               reference_params=policy_a.params)
         for name, p in policies.items()})

@@ -65,7 +65,13 @@ from qstar_jax.training.annotation import AnnotationConfig, annotate_with_mcts
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.reasoning_data import sample_trajectories
-from qstar_jax.training.results import markdown_table, save_plot, to_jsonable, write_results
+from qstar_jax.training.results import (
+  markdown_table,
+  read_json,
+  save_plot,
+  write_json,
+  write_results,
+)
 from qstar_jax.training.value_learning import oreo_params
 from qstar_jax.training.value_runs import ValueRunConfig, run_oreo, run_preference, run_prm
 
@@ -120,19 +126,6 @@ class ValueSearchConfig:
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: pathlib.Path, value: Any) -> Any:
-  value = to_jsonable(value)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(value, indent=2))
-  tmp.replace(path)
-  return value
-
-
 def _check(cfg: ValueSearchConfig) -> None:
   bad = [v for v in cfg.values if v not in VALUES]
   if bad:
@@ -149,7 +142,7 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
               folder: pathlib.Path) -> dict[str, Any]:
   """Step pairs from MCTS annotation and N samples per problem (files in `folder`)."""
   d = cfg.data
-  record = _read_json(folder / "data.json") or {}
+  record = read_json(folder / "data.json") or {}
   if "annotation" not in record:
     problems = generate_problems(cfg.seed, d.annotate_problems, split="train",
                                  start=d.train_start)
@@ -169,7 +162,7 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
       "tokens_decoded_per_problem": ann.tokens_decoded, "seconds": ann.seconds,
       **{k: getattr(extraction, k) for k in ("num_depths", "skipped_few_q", "dropped_tie",
                                              "dropped_identical", "dropped_small_gap")}}
-    _write_json(folder / "data.json", record)
+    write_json(folder / "data.json", record)
   if "samples" not in record:
     problems = generate_problems(cfg.seed, d.sample_problems, split="train",
                                  start=d.train_start + d.annotate_problems)
@@ -183,7 +176,7 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
     record["samples"] = {"problems": len(problems), "trajectories": len(samples),
                          "correct_fraction": float(np.mean([t.reward > 0 for t in samples])),
                          "seconds": time.perf_counter() - t0}
-    _write_json(folder / "data.json", record)
+    write_json(folder / "data.json", record)
   return record
 
 
@@ -202,7 +195,7 @@ def _save_model(folder: pathlib.Path, policy: ArithmeticPolicy, params: Any,
 def train_value(name: str, cfg: ValueSearchConfig, policy: ArithmeticPolicy,
                 data: pathlib.Path, folder: pathlib.Path) -> tuple[ArithmeticPolicy, dict]:
   """The trained model of value `name` (loaded when `folder/model` exists) and its record."""
-  record = _read_json(folder / "training.json")
+  record = read_json(folder / "training.json")
   if record is not None and (folder / "model" / "config.json").is_file():
     return load_arithmetic_policy(folder / "model"), record
   t = cfg.training
@@ -231,7 +224,7 @@ def train_value(name: str, cfg: ValueSearchConfig, policy: ArithmeticPolicy,
             result.last_train_loss, "seconds": time.perf_counter() - t0,
             "resumed_from": result.resumed_from}
   model = _save_model(folder / "model", policy, params, head, name)
-  _write_json(folder / "training.json", record)
+  write_json(folder / "training.json", record)
   return model, record
 
 
@@ -317,7 +310,7 @@ def run(cfg: ValueSearchConfig) -> dict[str, Any]:
     results["data"] = make_data(cfg, policy, task.spec, out / "data")
   for method in BASELINES:
     path = out / "evals" / f"{method}.json"
-    results["baselines"][method] = _read_json(path) or _write_json(
+    results["baselines"][method] = read_json(path) or write_json(
       path, evaluate(task, method, cfg.budget, seed=cfg.seed))
   for value in cfg.values:
     if value == "outcome":
@@ -330,10 +323,10 @@ def run(cfg: ValueSearchConfig) -> dict[str, Any]:
     results["values"][value] = {}
     for method in cfg.methods:
       path = out / "evals" / f"{value}_{method}.json"
-      entry = _read_json(path)
+      entry = read_json(path)
       if entry is None:
         print(f"{value} / {method} ...", flush=True)
-        entry = _write_json(path, evaluate(task, method, cfg.budget, seed=cfg.seed, **extra))
+        entry = write_json(path, evaluate(task, method, cfg.budget, seed=cfg.seed, **extra))
       results["values"][value][method] = entry
       write_results(out, results=results, table_md=make_table(results))
   make_plot(out, results)

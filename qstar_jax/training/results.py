@@ -10,7 +10,7 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["write_results", "save_plot", "markdown_table", "to_jsonable"]
+__all__ = ["write_results", "save_plot", "markdown_table", "to_jsonable", "read_json", "write_json"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -30,6 +30,24 @@ def to_jsonable(value: Any) -> Any:
       return None
     if math.isinf(value):
       return "Infinity" if value > 0 else "-Infinity"
+  return value
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value stored at ``path``, or None when there is no such file (a stage not done)."""
+  path = pathlib.Path(path)
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_json(path: str | os.PathLike, value: Any) -> Any:
+  """Writes ``to_jsonable(value)`` (indented, NaN -> null) atomically (a temporary file, then a
+  rename: a killed run never leaves half a file) and returns what `read_json` will read."""
+  value = to_jsonable(value)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
+  os.replace(tmp, path)
   return value
 
 

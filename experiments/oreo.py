@@ -14,7 +14,9 @@ beam search, on the arithmetic task (CPU) or GSM8K (an accelerator preset).
   (b) ``dpo``: `run_preference` on response-level pairs (`response_pairs`: a correct and an
   incorrect sample of one problem);
   (c) ``oreo``: `run_oreo` on all samples, policy + value head on the shared trunk (the value
-  head initialised from the committed one; gsm8k: zeros).
+  head initialised from the committed one; gsm8k: zeros). Each run's compute record (steps,
+  examples, seconds) is kept in its folder (``train_record.json``), so a rerun reports the
+  run that trained, not the restore.
 - Evaluation on test problems (`search.steps.tasks.evaluate`): greedy for every method, and
   ``oreo_beam``: OREO's value-guided step beam search (beam width B, B expansions per beam)
   with the OREO policy and its value head. Each evaluation is stored in ``out/evals.json`` as it
@@ -208,10 +210,14 @@ def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
     result = run_oreo(graphdef, oreo_params(sft, setup.value_head), data, reference_params=sft,
                       beta=cfg.oreo_beta, alpha=cfg.oreo_alpha, **common)
     params = PolicyValueParams(policy=result.params["policy"], value=result.params["value"])
+  record_path = out / "train_record.json"
+  if result.resumed_from == result.step and record_path.exists():
+    return params, json.loads(record_path.read_text())  # finished before: its own record
   record = {"train_examples": len(data), "train_steps": result.step,
             "batch_size": run_cfg.batch_size, "last_train_loss": result.last_train_loss,
             "train_seconds": time.perf_counter() - t0, "resumed_from": result.resumed_from,
             "steps_per_s": result.steps_per_s}
+  record_path.write_text(json.dumps(record))
   return params, record
 
 

@@ -1,6 +1,7 @@
 """qstar_jax.training: configs, metrics, progress, checkpoints, results, optimizers, the train
 loop, and puzzle-heuristic training (DAVI / deep Q-learning) on that loop."""
 
+from qstar_jax.training.annotation import Annotation, AnnotationConfig, annotate_with_mcts
 from qstar_jax.training.checkpoint import (
   CheckpointConfigMismatchError,
   CheckpointManager,
@@ -23,7 +24,13 @@ from qstar_jax.training.reasoning_data import (
   sample_trajectories,
   trajectories_from_generations,
 )
-from qstar_jax.training.results import markdown_table, save_plot, write_results
+from qstar_jax.training.results import (
+  markdown_table,
+  read_json,
+  save_plot,
+  write_json,
+  write_results,
+)
 from qstar_jax.training.train_loop import (
   NonFiniteLossError,
   TrainLoopConfig,
@@ -42,6 +49,16 @@ from qstar_jax.training.value_learning import (
   oreo_params,
   reference_log_probs,
   with_reference_log_probs,
+)
+from qstar_jax.training.value_runs import (
+  ValueRunConfig,
+  data_fingerprint,
+  default_run_config,
+  response_pairs,
+  run_oreo,
+  run_preference,
+  run_prm,
+  run_sft,
 )
 
 __all__ = [
@@ -85,4 +102,18 @@ __all__ = [
   "trajectories_from_generations",
   "with_reference_log_probs",
   "write_results",
+  "read_json",
+  "write_json",
+  # value learning runs and MCTS annotation
+  "Annotation",
+  "AnnotationConfig",
+  "annotate_with_mcts",
+  "ValueRunConfig",
+  "data_fingerprint",
+  "default_run_config",
+  "response_pairs",
+  "run_oreo",
+  "run_preference",
+  "run_prm",
+  "run_sft",
 ]

@@ -30,7 +30,6 @@ GSM8K numbers beside, a line per acceptance check) and ``out/accuracy.png``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import sys
 import time
@@ -61,7 +60,14 @@ from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.progress import PhaseTimer
 from qstar_jax.training.reasoning_data import sample_trajectories, trajectories_from_generations
-from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.results import (
+  markdown_table,
+  new_figure,
+  read_json,
+  save_plot,
+  write_json,
+  write_results,
+)
 from qstar_jax.training.value_learning import oreo_params
 from qstar_jax.training.value_runs import (
   ValueRunConfig,
@@ -212,13 +218,12 @@ def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
     params = PolicyValueParams(policy=result.params["policy"], value=result.params["value"])
   record_path = out / "train_record.json"
   if result.resumed_from == result.step and record_path.exists():
-    return params, json.loads(record_path.read_text())  # finished before: its own record
+    return params, read_json(record_path)  # finished before: its own record
   record = {"train_examples": len(data), "train_steps": result.step,
             "batch_size": run_cfg.batch_size, "last_train_loss": result.last_train_loss,
             "train_seconds": time.perf_counter() - t0, "resumed_from": result.resumed_from,
             "steps_per_s": result.steps_per_s}
-  record_path.write_text(json.dumps(record))
-  return params, record
+  return params, write_json(record_path, record)
 
 
 def _evaluate(evals: dict[str, Any], key: str, path: pathlib.Path, task: SearchTask,
@@ -226,7 +231,7 @@ def _evaluate(evals: dict[str, Any], key: str, path: pathlib.Path, task: SearchT
   if key not in evals:
     point = evaluate(task, method, budget, seed=seed)
     evals[key] = {k: v for k, v in point.items() if k != "first_text"}
-    path.write_text(json.dumps(evals, indent=2))
+    write_json(path, evals)
     print(f"{key}: accuracy {point['accuracy']:.3f}, {point['tokens_decoded']:.1f} tokens "
           f"decoded / problem", flush=True)
   return evals[key]
@@ -315,7 +320,7 @@ def run(cfg: OreoExperimentConfig) -> dict[str, Any]:
   with timer.phase("setup"):
     setup = arithmetic_setup(cfg) if cfg.task == "arithmetic" else gsm8k_setup(cfg)
   evals_path = out / "evals.json"
-  evals = json.loads(evals_path.read_text()) if evals_path.exists() else {}
+  evals = read_json(evals_path) or {}
   greedy = SearchBudget(max_depth=cfg.max_depth)
   beam = SearchBudget(max_depth=cfg.max_depth, beam_width=cfg.beam_width,
                       expansions=cfg.beam_width, temperature=cfg.beam_temperature)

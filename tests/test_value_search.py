@@ -9,8 +9,9 @@ from experiments import value_search
 from qstar_jax.data.reasoning import preference_pairs_from_annotations
 from qstar_jax.envs.arithmetic import arithmetic_reward, generate_problems, policy_prompt
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
+from qstar_jax.search.steps.methods import prompt_batches
 from qstar_jax.search.steps.step_tree import StepSpec
-from qstar_jax.training.annotation import AnnotationConfig, annotate_with_mcts, prompt_batches
+from qstar_jax.training.annotation import AnnotationConfig, annotate_with_mcts
 
 
 def test_prompt_batches_fill_the_last_batch_with_its_last_prompt():

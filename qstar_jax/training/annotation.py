@@ -22,7 +22,7 @@ from flax import nnx
 
 from qstar_jax.models.decoding import SamplingConfig
 from qstar_jax.search.steps.lm_mcts import mcts_annotations, mcts_step_search
-from qstar_jax.search.steps.methods import pad_prompts
+from qstar_jax.search.steps.methods import prompt_batches
 from qstar_jax.search.steps.scorers import (
   VerifierReward,
   encode_answers,
@@ -33,7 +33,7 @@ from qstar_jax.search.steps.scorers import (
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
 from qstar_jax.training.progress import progress
 
-__all__ = ["AnnotationConfig", "Annotation", "annotate_with_mcts", "prompt_batches"]
+__all__ = ["AnnotationConfig", "Annotation", "annotate_with_mcts"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,21 +54,6 @@ class Annotation:
   tokens_decoded: float           # per problem
   overflow: int                   # problems whose tree ran out of capacity
   seconds: float
-
-
-def prompt_batches(prompts: Sequence[Sequence[int]], batch: int, width: int | None = None):
-  """(start, real rows, tokens [batch, W], lengths [batch]) per batch of `batch` prompts; the last
-  batch is filled with copies of its last prompt (one shape: one compiled program)."""
-  if batch < 1:
-    raise ValueError(f"batch={batch}: expected >= 1")
-  if width is None:
-    width = pad_prompts(prompts)[0].shape[1]
-  for start in range(0, len(prompts), batch):
-    rows = list(prompts[start:start + batch])
-    real = len(rows)
-    rows += [rows[-1]] * (batch - real)
-    tokens, lengths = pad_prompts(rows, bucket=width)
-    yield start, real, tokens, lengths
 
 
 def annotate_with_mcts(

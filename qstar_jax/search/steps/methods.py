@@ -47,8 +47,8 @@ from qstar_jax.search.steps.step_tree import (
   linear_value,
 )
 
-__all__ = ["METHODS", "SearchBudget", "method_answers", "pad_prompts", "run_method",
-           "stated_answer"]
+__all__ = ["METHODS", "SearchBudget", "method_answers", "pad_prompts", "prompt_batches",
+           "run_method", "stated_answer"]
 
 METHODS = ("greedy", "majority", "best_of_n", "beam", "mcts", "particle", "q_guided",
            "best_first")
@@ -87,6 +87,20 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 32,
   for b, p in enumerate(prompts):
     tokens[b, :len(p)] = p
   return tokens, lengths
+
+def prompt_batches(prompts: Sequence[Sequence[int]], batch: int, width: int | None = None):
+  """(start, real rows, tokens [batch, W], lengths [batch]) per batch of `batch` prompts; the last
+  batch is filled with copies of its last prompt (one shape: one compiled program)."""
+  if batch < 1:
+    raise ValueError(f"batch={batch}: expected >= 1")
+  if width is None:
+    width = pad_prompts(prompts)[0].shape[1]
+  for start in range(0, len(prompts), batch):
+    rows = list(prompts[start:start + batch])
+    real = len(rows)
+    rows += [rows[-1]] * (batch - real)
+    tokens, lengths = pad_prompts(rows, bucket=width)
+    yield start, real, tokens, lengths
 
 
 def run_method(method: str, params: PolicyValueParams, rng_key: jax.Array, *,

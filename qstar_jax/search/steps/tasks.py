@@ -26,7 +26,12 @@ from qstar_jax.envs.grading import answers_match
 from qstar_jax.models import load_pretrained
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
 from qstar_jax.models.decoding import delimiter_token_ids
-from qstar_jax.search.steps.methods import SearchBudget, method_answers, pad_prompts, run_method
+from qstar_jax.search.steps.methods import (
+  SearchBudget,
+  method_answers,
+  prompt_batches,
+  run_method,
+)
 from qstar_jax.search.steps.scorers import NodeScorer, scored_expand, zero_value
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
 
@@ -136,16 +141,13 @@ def evaluate(task: SearchTask, method: str, budget: SearchBudget, *, seed: int,
     raise ValueError("evaluate: scorer and scorer_params go together (the scorer reads "
                      "scorer_params(prompt_tokens, prompt_lengths) as params.value)")
   extra = {} if scorer is None else {"expand_fn": scored_expand(scorer), "value_fn": zero_value}
-  width = pad_prompts(task.prompts)[0].shape[1]   # one width for every batch: one program
   correct, tokens, calls, overflow, no_answer = 0, 0, 0, 0, 0
   seconds = 0.0
   texts = []
   n = len(task.prompts)
-  for i, start in enumerate(range(0, n, task.batch)):
-    rows = list(task.prompts[start:start + task.batch])
-    real = len(rows)
-    rows += [rows[-1]] * (task.batch - real)       # a full last batch: same shapes
-    prompt_tokens, lengths = pad_prompts(rows, bucket=width)
+  # One width and full batches (the last filled with copies): one compiled program.
+  for i, (start, real, prompt_tokens, lengths) in enumerate(
+      prompt_batches(task.prompts, task.batch)):
     t0 = time.perf_counter()
     params = task.params if scorer is None else PolicyValueParams(
       policy=task.params.policy, value=scorer_params(prompt_tokens, lengths))

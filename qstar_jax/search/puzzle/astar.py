@@ -16,7 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import DEFAULT_RULES, Rules
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.search import open_list as ol
 from qstar_jax.search.puzzle import loop as search_loop
@@ -80,12 +82,20 @@ def _astar_jit(params, start_states, weight, max_iterations, **static) -> Search
 def astar_search(params: Any, start_states, *, env: PuzzleEnv, heuristic_fn: HeuristicFn,
                  weight: float = 1.0, batch_pops: int = 1, max_iterations: int = 1000,
                  node_capacity: int = 100_000, open_capacity: int | None = None,
-                 table_capacity: int | None = None, max_path_len: int = 64) -> SearchResult:
+                 table_capacity: int | None = None, max_path_len: int = 64,
+                 mesh: Mesh | None = None,
+                 sharding_rules: Rules = DEFAULT_RULES) -> SearchResult:
   """Batched weighted A* from ``start_states [B, D]``; jitted, vmapped over problems.
 
   ``heuristic_fn(params, states [K, D]) -> h [K]`` must be a pure function (an identity-stable
   object: a new lambda per call recompiles). Priority ``f = weight * g + h``.
   States, capacities and sizes are validated on the host before tracing.
+
+  ``mesh``: None runs on the default device (unchanged). With a mesh, the B problems (their
+  start states, search tables and results) are split over its ``data`` x ``fsdp`` axes and the
+  parameters placed by ``sharding_rules`` (see ``loop.run_sharded``); results are identical to
+  the unsharded search up to float rounding of the network. B must divide over
+  ``data * fsdp`` (``MeshShapeError`` otherwise, before tracing).
   """
   open_capacity = open_capacity or node_capacity
   states, table_capacity = search_loop.validate_search_args(
@@ -93,7 +103,12 @@ def astar_search(params: Any, start_states, *, env: PuzzleEnv, heuristic_fn: Heu
       table_capacity=table_capacity, batch_pops=batch_pops,
       pushes_per_iteration=batch_pops * env.num_actions, max_iterations=max_iterations,
       max_path_len=max_path_len)
+  static = dict(env=env, heuristic_fn=heuristic_fn, batch_pops=batch_pops,
+                node_capacity=node_capacity, open_capacity=open_capacity,
+                table_capacity=table_capacity, max_path_len=max_path_len)
+  if mesh is not None:
+    return search_loop.run_sharded(_astar_batched, params, states, jnp.float32(weight),
+                                   jnp.int32(max_iterations), mesh=mesh, rules=sharding_rules,
+                                   static=static)
   return _astar_jit(params, jnp.asarray(states), jnp.float32(weight), jnp.int32(max_iterations),
-                    env=env, heuristic_fn=heuristic_fn, batch_pops=batch_pops,
-                    node_capacity=node_capacity, open_capacity=open_capacity,
-                    table_capacity=table_capacity, max_path_len=max_path_len)
+                    **static)

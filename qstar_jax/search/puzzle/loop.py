@@ -8,11 +8,24 @@ or single edges); each supplies ``init_one`` / ``step_one`` and runs them throug
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from qstar_jax.distributed import (
+  Rules,
+  batch_shardings,
+  batch_spec,
+  param_shardings,
+  replicated,
+)
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.search import open_list as ol
 from qstar_jax.search.puzzle.result import SearchResult
@@ -121,3 +134,76 @@ def validate_search_args(env: PuzzleEnv, start_states, *, node_capacity: int, op
     raise ValueError(f"max_iterations must be >= 0 and max_path_len > 0, got {max_iterations}, "
                      f"{max_path_len}")
   return states, table_capacity
+
+
+# ----------------------------------------------------------------------------- sharded runs
+
+_SHARDED_JITS: dict[Any, Any] = {}
+
+
+def sharded_jit(fun: Callable, static: dict[str, Any], mesh: Mesh, in_shardings: tuple,
+                out_shardings: Any) -> Any:
+  """The search ``partial(fun, **static)`` as a ``shard_map`` over the mesh's problem axes,
+  jitted with explicit ``in_shardings`` / ``out_shardings``; built once per (function, static
+  arguments, mesh, shardings) and kept, so a second batch of the same shapes on the same mesh
+  reuses the compiled program (as the unsharded jit's cache keyed by its static arguments).
+
+  Each device runs the whole search loop on its own B / (data * fsdp) problems: ``fun`` is
+  written for a batch of problems (vmapped tables, a loop until ``any(active)`` is false) and
+  a problem's result depends only on its own steps (a finished problem's steps are no-ops), so
+  every device stops when its own problems are done and the loop needs no collective at all.
+  (Under plain SPMD partitioning of the jit, XLA gathered every problem's open list once per
+  iteration for ``lax.top_k``, and reduced ``any(active)`` across devices each iteration.)
+  The parameters enter the map whole (``P()``): stored as the rules place them, they are
+  gathered once per search before the loop, since every device evaluates the network on its
+  own problems' states.
+  """
+  leaves, treedef = jax.tree.flatten((in_shardings, out_shardings))
+  key = (fun, tuple(sorted(static.items())), mesh, treedef, tuple(leaves))
+  if key not in _SHARDED_JITS:
+    problems = batch_spec(1)
+    mapped = jax.shard_map(functools.partial(fun, **static), mesh=mesh,
+                           in_specs=(P(), problems, P(), P()), out_specs=problems,
+                           check_vma=False)
+    _SHARDED_JITS[key] = jax.jit(mapped, in_shardings=in_shardings,
+                                 out_shardings=out_shardings)
+  return _SHARDED_JITS[key]
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Every leaf of ``tree`` (the whole batch, the same on every process) placed with its
+  sharding: each device receives only its own slice (``make_array_from_callback``, which is
+  correct on several hosts too, unlike ``put_batch``, which takes each process's own rows)."""
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) or jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(one, tree, shardings)
+
+
+def run_sharded(fun: Callable, params: Any, start_states: np.ndarray, weight: jax.Array,
+                max_iterations: jax.Array, *, mesh: Mesh, rules: Rules,
+                static: dict[str, Any]) -> SearchResult:
+  """``fun(params, start_states, weight, max_iterations, **static)`` on ``mesh``.
+
+  Problems (the leading dimension of the start states, and with it every vmapped search table
+  and every ``SearchResult`` leaf) are split over the mesh's ``data`` x ``fsdp`` axes (see
+  ``sharded_jit``); the network's parameters are placed by ``rules`` (``param_shardings``: the
+  puzzle net's hidden dimensions over ``fsdp`` / ``tensor``, unmatched leaves replicated;
+  ``params=None`` is an empty tree); the weight and the iteration bound are replicated.
+  Nothing is fetched to the host.
+
+  Raises ``MeshShapeError`` (before tracing) when the number of problems does not divide over
+  ``data`` x ``fsdp`` or a parameter dimension does not divide over its axes.
+  """
+  states_sharding = batch_shardings(start_states, mesh, what="start_states")
+  params_sharding = param_shardings(params, mesh, rules)
+  scalar = replicated(mesh)
+  in_shardings = (params_sharding, states_sharding, scalar, scalar)
+  # Every SearchResult leaf is [B] or [B, max_path_len]: one prefix sharding for all of them.
+  out_shardings = NamedSharding(mesh, batch_spec(1))
+  jitted = sharded_jit(fun, static, mesh, in_shardings, out_shardings)
+  return jitted(*put_global((params, start_states, weight, max_iterations), in_shardings))

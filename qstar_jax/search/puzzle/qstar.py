@@ -20,7 +20,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import DEFAULT_RULES, Rules
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.search import open_list as ol
 from qstar_jax.search.puzzle import loop as search_loop
@@ -151,7 +153,9 @@ def _qstar_jit(params, start_states, weight, max_iterations, **static) -> Search
 def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight: float = 1.0,
                  batch_pops: int = 1, max_iterations: int = 1000, node_capacity: int = 100_000,
                  open_capacity: int | None = None, table_capacity: int | None = None,
-                 max_path_len: int = 64, edges_per_node: int | None = None) -> SearchResult:
+                 max_path_len: int = 64, edges_per_node: int | None = None,
+                 mesh: Mesh | None = None,
+                 sharding_rules: Rules = DEFAULT_RULES) -> SearchResult:
   """Batched Q* search from ``start_states [B, D]``; jitted, vmapped over problems.
 
   ``q_fn(params, states [K, D]) -> q [K, A]`` (identity-stable, pure). ``nodes_generated`` =
@@ -162,6 +166,14 @@ def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight
   with ``lax.top_k`` instead of a full sort (memory ``node_capacity * E``); when E < A, popping
   a node's last kept edge counts one ``overflow_open`` (its other A - E edges are dropped, valid
   or not), so the result says when the cut may have mattered.
+
+  ``mesh``: None runs on the default device (unchanged). With a mesh, the B problems (start
+  states, node stores, closed sets, open lists, edge stores and results: every carry leaf is
+  per problem) are split over its ``data`` x ``fsdp`` axes, so each device searches B / (data
+  * fsdp) problems and evaluates the Q network on their children only; the parameters are
+  placed by ``sharding_rules`` (``param_shardings``; ``DEFAULT_RULES`` holds the puzzle net's:
+  hidden dimensions over ``fsdp`` / ``tensor``), see ``loop.run_sharded``. B must divide over
+  ``data * fsdp`` (``MeshShapeError`` otherwise, before tracing).
   """
   open_capacity = open_capacity or 2 * node_capacity
   states, table_capacity = search_loop.validate_search_args(
@@ -170,8 +182,12 @@ def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight
       max_iterations=max_iterations, max_path_len=max_path_len)
   if edges_per_node is not None and edges_per_node <= 0:
     raise ValueError(f"edges_per_node must be a positive integer, got {edges_per_node}")
+  static = dict(env=env, q_fn=q_fn, batch_pops=batch_pops, node_capacity=node_capacity,
+                open_capacity=open_capacity, table_capacity=table_capacity,
+                max_path_len=max_path_len, edges_per_node=edges_per_node or env.num_actions)
+  if mesh is not None:
+    return search_loop.run_sharded(_qstar_batched, params, states, jnp.float32(weight),
+                                   jnp.int32(max_iterations), mesh=mesh, rules=sharding_rules,
+                                   static=static)
   return _qstar_jit(params, jnp.asarray(states), jnp.float32(weight), jnp.int32(max_iterations),
-                    env=env, q_fn=q_fn, batch_pops=batch_pops, node_capacity=node_capacity,
-                    open_capacity=open_capacity, table_capacity=table_capacity,
-                    max_path_len=max_path_len,
-                    edges_per_node=edges_per_node or env.num_actions)
+                    **static)

@@ -30,6 +30,14 @@ batches from a step on. The loop is made of named pieces:
 Checkpoints ``{"params", "opt_state", "step"}`` (+ ``"extra"`` when the state carries one) are
 saved every ``checkpoint_every`` steps and at the end through :class:`CheckpointManager`
 (config-checked).
+
+**A device mesh** (``train(..., mesh=...)``, see :mod:`qstar_jax.distributed`): the params, the
+optimizer state and ``extra`` are placed by the sharding rules (FSDP over ``fsdp``, tensor
+parallel over ``tensor``), every batch is put as a global array split over ``data`` x ``fsdp``
+(each process passes its own rows on a multi-host run), and the step is jitted with these as its
+explicit in/out shardings, so XLA's SPMD partitioner inserts the collectives (per-weight
+all-gathers, reduce-scattered gradients) and nothing is gathered on the host. A checkpoint is
+restored into the current mesh's shardings: a run written on 8 devices resumes on 1 or 4.
 """
 
 from __future__ import annotations
@@ -47,7 +55,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import (
+  DEFAULT_RULES,
+  Rules,
+  batch_shardings,
+  opt_state_shardings,
+  param_shardings,
+  put_batch,
+  replicated,
+)
 from qstar_jax.training.checkpoint import CheckpointManager
 from qstar_jax.training.metrics import MetricsWriter
 from qstar_jax.training.progress import PhaseTimer, progress
@@ -57,6 +75,7 @@ __all__ = [
   "TrainResult",
   "TrainState",
   "TrainLog",
+  "TrainShardings",
   "NonFiniteLossError",
   "train",
   "make_train_step",
@@ -103,6 +122,48 @@ class TrainResult:
   steps_per_s: float             # this process's steady-state rate (compile excluded)
   extra: Any = None              # the final ``TrainState.extra``
   stopped_early: bool = False    # max_seconds ran out before num_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainShardings:
+  """Where the state lives on a mesh: ``NamedSharding`` trees shaped like the params, the
+  optimizer state and ``extra`` (None when unused)."""
+
+  mesh: Mesh
+  params: Any
+  opt_state: Any
+  extra: Any = None
+  _optimizer_init: Any = None
+
+  @classmethod
+  def build(cls, mesh: Mesh, params: Any, optimizer: optax.GradientTransformation, *,
+            extra: Any = None, rules: Rules = DEFAULT_RULES) -> TrainShardings:
+    """The rules' shardings of ``params``, ``optimizer.init(params)`` and ``extra`` on ``mesh``
+    (raises ``MeshShapeError`` when a dimension does not divide over its axes)."""
+    return cls(mesh=mesh, params=param_shardings(params, mesh, rules),
+               opt_state=opt_state_shardings(optimizer, params, mesh, rules),
+               extra=None if extra is None else param_shardings(extra, mesh, rules),
+               _optimizer_init=optimizer.init)
+
+  @property
+  def replicated(self) -> jax.sharding.NamedSharding:
+    return replicated(self.mesh)
+
+  def state(self) -> TrainState:
+    """The shardings as a ``TrainState`` (a prefix tree of the state: step replicated)."""
+    return TrainState(params=self.params, opt_state=self.opt_state, step=self.replicated,
+                      extra=self.extra)
+
+  def place(self, params: Any, extra: Any = None) -> TrainState:
+    """A fresh state on the mesh: ``params`` and ``extra`` copied into the rules' shardings (new
+    buffers: the caller's arrays stay valid under donation), the optimizer state initialised in
+    place (its leaves created already split), step 0."""
+    params = jax.device_put(jax.tree.map(jnp.copy, params), self.params)
+    if extra is not None:
+      extra = jax.device_put(jax.tree.map(jnp.copy, extra), self.extra)
+    opt_state = jax.jit(self._optimizer_init, out_shardings=self.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+    return TrainState(params=params, opt_state=opt_state, step=step, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------- step
@@ -172,6 +233,8 @@ def make_train_step(
   *,
   accum_steps: int = 1,
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+  shardings: TrainShardings | None = None,
+  batch_sharding: Any = None,
 ) -> Callable:
   """``step_fn(params, opt_state, batch, rng_key, step, extra=None) -> (params, opt_state,
   metrics)``, jitted (``params`` and ``opt_state`` donated).
@@ -179,9 +242,20 @@ def make_train_step(
   ``loss_fn(params, batch, rng_key)``, or ``loss_fn(params, batch, rng_key, extra)`` when
   ``extra`` is given. Metrics: ``loss`` (mean over micro-batches), ``grad_norm`` (global norm of
   the averaged gradient), ``lr`` (when ``lr_fn`` is given) and the means of ``aux``.
+
+  With ``shardings`` the step is jitted with explicit in/out shardings: params, optimizer state
+  and ``extra`` by the rules, the batch by ``batch_sharding`` (from
+  :func:`~qstar_jax.distributed.batch_shardings`; None for a batch-free loss), key, step and
+  metrics replicated. The step must then be called with all six arguments.
   """
-  return jax.jit(_step_body(loss_fn, optimizer, accum_steps=accum_steps, lr_fn=lr_fn),
-                 donate_argnums=(0, 1))
+  body = _step_body(loss_fn, optimizer, accum_steps=accum_steps, lr_fn=lr_fn)
+  if shardings is None:
+    return jax.jit(body, donate_argnums=(0, 1))
+  rep = shardings.replicated
+  return jax.jit(body, donate_argnums=(0, 1),
+                 in_shardings=(shardings.params, shardings.opt_state, batch_sharding, rep, rep,
+                               shardings.extra),
+                 out_shardings=(shardings.params, shardings.opt_state, rep))
 
 
 def make_train_chunk(
@@ -191,12 +265,16 @@ def make_train_chunk(
   steps_per_call: int,
   accum_steps: int = 1,
   lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+  shardings: TrainShardings | None = None,
+  batch_sharding: Any = None,
 ) -> Callable:
   """``chunk(state, batches, base_key) -> (state, metrics)``, jitted (``state`` donated).
 
   Runs ``steps_per_call = K`` optimizer steps of :func:`make_train_step` in one ``lax.scan``:
   step ``t`` uses the key ``fold_in(base_key, t)`` and the batch ``batches[i]`` (batches stacked
   ``[K, ...]``; ``None`` when the loss draws its data from the key). Metrics are stacked ``[K]``.
+  With ``shardings``: explicit in/out shardings as in :func:`make_train_step` (the stacked
+  batches' sharding splits their dimension 1).
   """
   body = _step_body(loss_fn, optimizer, accum_steps=accum_steps, lr_fn=lr_fn)
 
@@ -209,17 +287,32 @@ def make_train_chunk(
 
     return jax.lax.scan(one, state, batches, length=steps_per_call)
 
-  return jax.jit(chunk, donate_argnums=(0,))
+  if shardings is None:
+    return jax.jit(chunk, donate_argnums=(0,))
+  rep = shardings.replicated
+  return jax.jit(chunk, donate_argnums=(0,),
+                 in_shardings=(shardings.state(), batch_sharding, rep),
+                 out_shardings=(shardings.state(), rep))
 
 
-def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]]) -> Callable:
-  """``eval_fn(params, batch) -> {"loss": ..., **aux}``, jitted."""
+def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], *,
+                   shardings: TrainShardings | None = None) -> Callable:
+  """``eval_fn(params, batch) -> {"loss": ..., **aux}``, jitted (with ``shardings``: params by
+  the rules, the batch as it was put, metrics replicated)."""
 
   def eval_step(params, batch):
     loss, aux = eval_loss_fn(params, batch)
     return {"loss": loss, **aux}
 
-  return jax.jit(eval_step)
+  if shardings is None:
+    return jax.jit(eval_step)
+  step = jax.jit(eval_step, in_shardings=(shardings.params, None),
+                 out_shardings=shardings.replicated)
+
+  def sharded_eval(params, batch):
+    return step(params, put_batch(batch, batch_shardings(batch, shardings.mesh, what="eval batch")))
+
+  return sharded_eval
 
 
 # -------------------------------------------------------------------------------- restore, eval
@@ -251,16 +344,24 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
+def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+  """The restore target of a state leaf: its shape, dtype and (for a placed array) sharding, so
+  that orbax reads each device's part into the current mesh, whatever mesh wrote it."""
+  if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype)
+
+
 def restore_state(
   manager: CheckpointManager, state: TrainState
 ) -> tuple[TrainState, int | None]:
   """Auto-resume: ``(the latest checkpoint restored into state's structure, its step)``, or
-  ``(state, None)`` when the run has no checkpoint yet."""
+  ``(state, None)`` when the run has no checkpoint yet. Leaves of a state placed on a mesh are
+  restored with their shardings (a checkpoint from another mesh or device count reshards)."""
   latest = manager.latest_step()
   if latest is None:
     return state, None
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype),
-                        _checkpoint_tree(state))
+  target = jax.tree.map(_abstract_leaf, _checkpoint_tree(state))
   restored = manager.restore(latest, target=target)
   step = int(restored["step"])
   if step != latest:
@@ -390,6 +491,8 @@ def train(
   metrics_prefix: str = "train/",
   progress_desc: str = "train",
   log: Callable[[str], None] = _print,
+  mesh: Mesh | None = None,
+  sharding_rules: Rules = DEFAULT_RULES,
 ) -> TrainResult:
   """Trains ``params`` for ``config.num_steps`` optimizer steps, resuming ``out_dir`` if it holds
   checkpoints of the same run.
@@ -425,6 +528,12 @@ def train(
     metrics_prefix: prefix of the train metrics' names in ``metrics.jsonl``.
     progress_desc: label of the progress bar.
     log: where the resume and stop messages go.
+    mesh: a device mesh (:func:`qstar_jax.distributed.make_mesh`): the state is placed by
+      ``sharding_rules`` and every batch split over ``data`` x ``fsdp`` (on several processes,
+      ``train_batches`` yields this process's rows of each global batch). None: one device, as
+      before. The mesh may differ from the one that wrote the checkpoints being resumed.
+    sharding_rules: ``(path pattern, PartitionSpec)`` rules for params, optimizer state and
+      ``extra`` (default: :data:`qstar_jax.distributed.DEFAULT_RULES`).
   """
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -432,33 +541,52 @@ def train(
                       ("steps_per_call", steps_per_call)):
     if value < 1:
       raise ValueError(f"{name}={value}: expected >= 1")
+  # Shardings first: a mesh that does not divide the model fails before any file is written.
+  shardings = (None if mesh is None else
+               TrainShardings.build(mesh, params, optimizer, extra=extra, rules=sharding_rules))
   timer = PhaseTimer()
   manager = CheckpointManager(out_dir / "checkpoints", config=run_config,
                               max_to_keep=config.max_to_keep, ignore_keys=ignore_config_keys)
-  state = TrainState(params=params, opt_state=optimizer.init(params),
-                     step=jnp.zeros((), jnp.int32), extra=extra)
+  if shardings is None:
+    state = TrainState(params=params, opt_state=optimizer.init(params),
+                       step=jnp.zeros((), jnp.int32), extra=extra)
+  else:
+    state = shardings.place(params, extra)
   resumed_from = None
   if manager.latest_step() is not None:
     with timer.phase("restore"):
       state, resumed_from = restore_state(manager, state)
     _truncate_metrics(out_dir / "metrics.jsonl", resumed_from)
     log(f"{out_dir}: resumed from step {resumed_from}")
-  else:
+  elif shardings is None:
     # The step donates its params/opt_state (a chunk: the whole state) buffers: work on a copy
     # so that the caller's arrays (and a model sharing them) stay valid.
     state = state.replace(params=jax.tree.map(jnp.copy, state.params),
                           extra=jax.tree.map(jnp.copy, state.extra))
   start_step = int(state.step)
 
-  if steps_per_call == 1:
-    step_fn = make_train_step(loss_fn, optimizer, accum_steps=config.accum_steps, lr_fn=lr_fn)
-  else:
-    chunk_fn = make_train_chunk(loss_fn, optimizer, steps_per_call=steps_per_call,
-                                accum_steps=config.accum_steps, lr_fn=lr_fn)
+  step_fn = chunk_fn = None
+
+  def build_step(batch: Any) -> Any:
+    """Jits the step (once, at the first batch: its shardings follow the batch's structure)."""
+    nonlocal step_fn, chunk_fn
+    batch_sharding = None
+    if shardings is not None and batch is not None:
+      batch_sharding = batch_shardings(batch, mesh, leading=int(steps_per_call > 1),
+                                       what="train batch")
+    kwargs = dict(accum_steps=config.accum_steps, lr_fn=lr_fn, shardings=shardings,
+                  batch_sharding=batch_sharding)
+    if steps_per_call == 1:
+      step_fn = make_train_step(loss_fn, optimizer, **kwargs)
+    else:
+      chunk_fn = make_train_chunk(loss_fn, optimizer, steps_per_call=steps_per_call, **kwargs)
+    return batch_sharding
+
   if eval_loss_fn is None:
     eval_key = jax.random.key(config.seed + 1)
     eval_loss_fn = lambda p, b: loss_fn(p, b, eval_key)  # noqa: E731
-  eval_fn = make_eval_step(eval_loss_fn) if eval_batches is not None else None
+  eval_fn = (make_eval_step(eval_loss_fn, shardings=shardings) if eval_batches is not None
+             else None)
   base_key = jax.random.key(config.seed)
   logger = TrainLog(out_dir, total=config.num_steps, initial=start_step, desc=progress_desc,
                     prefix=metrics_prefix, force_progress=bool(show_progress))
@@ -485,16 +613,23 @@ def train(
       return None
     if steps_per_call == 1:
       return next(batches)
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *(next(batches) for _ in range(steps_per_call)))
+    # On a mesh the stacked batches stay on the host until put_batch splits them over devices.
+    stack = jnp.stack if shardings is None else (lambda xs: np.stack([np.asarray(x) for x in xs]))
+    return jax.tree.map(lambda *xs: stack(xs), *(next(batches) for _ in range(steps_per_call)))
 
   steady_steps, steady_time, steady_t0, excluded0 = 0, 0.0, None, 0.0
   stopped_early = False
   batches = train_batches(start_step) if train_batches is not None else None
   step = start_step
+  batch_sharding = None
   t_start = time.perf_counter()
   try:
     while step < config.num_steps:
       batch = next_batches()
+      if step_fn is None and chunk_fn is None:
+        batch_sharding = build_step(batch)
+      if batch_sharding is not None:
+        batch = put_batch(batch, batch_sharding)
       t0 = time.perf_counter()
       if steps_per_call == 1:
         params, opt_state, metrics = step_fn(

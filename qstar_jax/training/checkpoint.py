@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from qstar_jax import __version__
+from qstar_jax.distributed import DEFAULT_RULES, param_shardings
 from qstar_jax.models.errors import CheckpointError
 from qstar_jax.training.config import config_from_dict, config_to_dict, flatten_dict
 
@@ -294,6 +295,8 @@ def load_model(
   config: Any = None,
   model_cls: type | None = None,
   opt_state_target: Any = None,
+  mesh: jax.sharding.Mesh | None = None,
+  sharding_rules: Any = None,
 ) -> Any:
   """Loads a model written by :func:`save_model`, refusing a config mismatch.
 
@@ -304,6 +307,9 @@ def load_model(
     model_cls: model class (default: the saved class path).
     opt_state_target: the optimizer state (or its abstract pytree) to restore into; when
       given, returns ``(model, opt_state)``.
+    mesh: a device mesh: the weights are read straight into their shardings on it (each device
+      reads its part; the folder may have been written from any mesh or device count), by
+      ``sharding_rules`` (default :data:`qstar_jax.distributed.DEFAULT_RULES`).
 
   Returns:
     ``model``, or ``(model, opt_state)`` when ``opt_state_target`` is given.
@@ -330,8 +336,13 @@ def load_model(
 
   abstract_model = nnx.eval_shape(lambda: model_cls(config, rngs=nnx.Rngs(0)))
   graphdef, saved_state, rest = nnx.split(abstract_model, _saved_filter(), ...)
+  target = saved_state.to_pure_dict()
+  if mesh is not None:
+    shardings = param_shardings(target, mesh, sharding_rules or DEFAULT_RULES)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          target, shardings)
   checkpointer = ocp.StandardCheckpointer()
-  weights = checkpointer.restore(path / "model", abstract_like(saved_state.to_pure_dict()))
+  weights = checkpointer.restore(path / "model", abstract_like(target))
   opt_state = None
   if opt_state_target is not None:
     opt_state = checkpointer.restore(path / "opt_state", abstract_like(opt_state_target))

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from qstar_jax.distributed import (
@@ -172,7 +172,7 @@ def sharded_jit(fun: Callable, static: dict[str, Any], mesh: Mesh, in_shardings:
 
 def put_global(tree: Any, shardings: Any) -> Any:
   """Every leaf of ``tree`` (the whole batch, the same on every process) placed with its
-  sharding: each device receives only its own slice (``make_array_from_callback``, which is
+  sharding (``shardings``: the same tree, or a prefix of it): each device receives only its own slice (``make_array_from_callback``, which is
   correct on several hosts too, unlike ``put_batch``, which takes each process's own rows)."""
 
   def one(x, sharding):
@@ -181,7 +181,9 @@ def put_global(tree: Any, shardings: Any) -> Any:
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-  return jax.tree.map(one, tree, shardings)
+  # ``shardings`` may be a prefix of ``tree`` (one sharding for a whole subtree).
+  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub),
+                      shardings, tree, is_leaf=lambda x: isinstance(x, Sharding))
 
 
 def run_sharded(fun: Callable, params: Any, start_states: np.ndarray, weight: jax.Array,

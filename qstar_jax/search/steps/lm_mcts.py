@@ -43,8 +43,11 @@ import jax.numpy as jnp
 import mctx
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import DEFAULT_RULES, Rules, replicated
 from qstar_jax.models.decoding import SamplingConfig, model_config_of
+from qstar_jax.search.steps import sharded
 from qstar_jax.search.steps.mcts import MCTS_POLICIES, mcts
 from qstar_jax.search.steps.result import StepSearchResult
 from qstar_jax.search.steps.step_tree import (
@@ -117,7 +120,8 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
                      max_num_considered_actions: int = 16, gumbel_scale: float = 1.0,
                      dirichlet_fraction: float = 0.25, dirichlet_alpha: float = 0.3,
                      pb_c_init: float = 1.25, pb_c_base: float = 19652.0,
-                     temperature: float = 1.0) -> MctsStepResult:
+                     temperature: float = 1.0, mesh: Mesh | None = None,
+                     sharding_rules: Rules = DEFAULT_RULES) -> MctsStepResult:
   """MCTS over K sampled candidate steps per node for B problems, jitted (see the module doc).
 
   Args:
@@ -140,6 +144,14 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
     value_fn, expand_fn: the value head and the step expansion (`expand_steps`'s signature).
     qtransform, max_num_considered_actions, gumbel_scale, dirichlet_fraction, dirichlet_alpha,
       pb_c_init, pb_c_base, temperature: mctx settings, as `search.steps.mcts.mcts`.
+    mesh: None: one device (unchanged). A mesh: the B problems are split over its `data` x
+      `fsdp` axes (`search.steps.sharded`): the prompts, their KV cache, the per-problem tree
+      counters and every result leaf indexed by problem (`chosen`, `candidates`, `scores`, the
+      decisions and their mctx trees, [D, B, ...] split on B); the shared page pool, the node
+      table and `step_candidates` (indexed by node slot: a problem's nodes can be anywhere in
+      it) are replicated. Results equal the unsharded search's (up to float rounding).
+    sharding_rules: how the parameters are placed on the mesh (`param_shardings`; the Llama's
+      FSDP / tensor-parallel rules by default, the value head replicated).
 
   Returns:
     `MctsStepResult`; compute counters as its properties (tokens prefilled / decoded, model
@@ -149,6 +161,8 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
   Raises:
     ValueError: (before jit) a size below its minimum, an unknown policy or value source, or a
       prompt length outside 1..min(P, the model's max_seq_len).
+    MeshShapeError: (before jit) B does not divide over the mesh's data x fsdp, or a parameter
+      dimension does not divide over its axes.
   """
   for name, value in (("num_actions", num_actions), ("num_simulations", num_simulations),
                       ("max_depth", max_depth)):
@@ -190,8 +204,9 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
     capacity = tree_capacity(batch, nodes_per_problem=max_decisions * per_decision,
                              max_depth=max_depth, max_step_tokens=spec.max_step_tokens)
   capacity.check(batch)
-  return _search(
-    params, rng_key, prompt_tokens, jnp.asarray(lengths, jnp.int32), sampling, rollout_sampling,
+  args = (params, rng_key, prompt_tokens, jnp.asarray(lengths, jnp.int32), sampling,
+          rollout_sampling)
+  static = dict(
     graphdef=graphdef, spec=spec, num_actions=num_actions, num_simulations=num_simulations,
     max_depth=max_depth, policy=policy, max_decisions=max_decisions, value_source=value_source,
     capacity=capacity, value_fn=value_fn, expand_fn=expand_fn, qtransform=qtransform,
@@ -200,6 +215,15 @@ def mcts_step_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
                    ("dirichlet_fraction", float(dirichlet_fraction)),
                    ("dirichlet_alpha", float(dirichlet_alpha)), ("pb_c_init", float(pb_c_init)),
                    ("pb_c_base", float(pb_c_base)), ("temperature", float(temperature))))
+  if mesh is None:
+    return _search(*args, **static)
+  decisions = sharded.by_problem(mesh, 1)     # [D, B, ...]: split on B
+  out = sharded.result_shardings(
+    MctsStepResult, mesh, step_candidates=replicated(mesh), decision_roots=decisions,
+    decision_actions=decisions, decision_visit_counts=decisions, decision_qvalues=decisions,
+    search_trees=decisions)
+  return sharded.run_sharded(_search, *args, mesh=mesh, rules=sharding_rules,
+                             out_shardings=out, static=static)
 
 
 @struct.dataclass

@@ -31,6 +31,14 @@ not every node ever decoded. Overflow is reported per problem (`result.overflow`
 Compilation. Every non-array argument (graphdef, spec, sampling's static fields, sizes,
 capacity, value_fn, expand_fn) is static; a second batch of the same shapes reuses the
 program (`trace_count` counts traces).
+
+Sharding. Every search takes `mesh=` (None: one device, unchanged) and `sharding_rules=`: with
+a mesh the B problems are split over its `data` x `fsdp` axes: prompts, the prompts' KV cache,
+per-problem counters and every result leaf indexed by problem (`chosen`, `candidates`,
+`scores`, `beams`); the tree's page pool and node table are shared by the problems (slots are
+allocated for the whole batch) and stay replicated; parameters are placed by the rules. The
+program is jitted with explicit in/out shardings, built once per static arguments (see
+`search.steps.sharded`). B must divide over data x fsdp (`MeshShapeError` before tracing).
 """
 
 from __future__ import annotations
@@ -45,9 +53,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import DEFAULT_RULES, Rules
 from qstar_jax.models.decoding import SamplingConfig, model_config_of
 from qstar_jax.search import open_list
+from qstar_jax.search.steps import sharded
 from qstar_jax.search.steps.result import Solution, StepSearchResult, vote
 from qstar_jax.search.steps.step_tree import (
   PolicyValueParams,
@@ -298,6 +309,18 @@ def _result(tree: StepTree, candidates: jax.Array, scores: jax.Array,
                           scores=scores.astype(jnp.float32))
 
 
+def _call(jitted: Any, result_cls: type, *args: Any, mesh: Mesh | None, rules: Rules,
+          **static: Any) -> Any:
+  """``jitted(*args, **static)``; with a mesh, the same search sharded over problems
+  (``sharded.run_sharded``: prompts, prompt KV and per-problem results split over ``data`` x
+  ``fsdp``, the shared page pool and node table replicated, params placed by ``rules``)."""
+  if mesh is None:
+    return jitted(*args, **static)
+  fields = {"beams": sharded.by_problem(mesh)} if result_cls is BeamSearchResult else {}
+  return sharded.run_sharded(jitted, *args, mesh=mesh, rules=rules, static=static,
+                             out_shardings=sharded.result_shardings(result_cls, mesh, **fields))
+
+
 def _model(sampling, graphdef, spec, value_fn, expand_fn, max_depth) -> _Model:
   return _Model(graphdef=graphdef, spec=spec, sampling=sampling, value_fn=value_fn,
                 expand_fn=expand_fn, max_depth=max_depth)
@@ -310,7 +333,8 @@ def sample_solutions(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
                      prompt_tokens: Any, prompt_lengths: Any, spec: StepSpec,
                      sampling: SamplingConfig, num_samples: int, max_depth: int,
                      capacity: TreeCapacity | None = None, value_fn: ValueFn = linear_value,
-                     expand_fn: Callable = expand_steps) -> StepSearchResult:
+                     expand_fn: Callable = expand_steps, mesh: Mesh | None = None,
+                     sharding_rules: Rules = DEFAULT_RULES) -> StepSearchResult:
   """N independent solutions per problem, step by step on the tree; best-of-N by value.
 
   The root is forked N ways at the first step; then each of the N leaves gets one child per
@@ -326,9 +350,10 @@ def sample_solutions(params: PolicyValueParams, rng_key: jax.Array, *, graphdef:
     params, graphdef=graphdef, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
     spec=spec, sampling=sampling, max_depth=max_depth, capacity=capacity,
     nodes_per_problem=num_samples * max_depth, num_samples=num_samples)
-  return _sample_solutions(params, rng_key, tokens, lengths, sampling, graphdef=graphdef,
-                           spec=spec, capacity=capacity, value_fn=value_fn, expand_fn=expand_fn,
-                           max_depth=max_depth, num_samples=num_samples)
+  return _call(_sample_solutions, StepSearchResult, params, rng_key, tokens, lengths, sampling,
+               mesh=mesh, rules=sharding_rules, graphdef=graphdef, spec=spec,
+               capacity=capacity, value_fn=value_fn, expand_fn=expand_fn, max_depth=max_depth,
+               num_samples=num_samples)
 
 
 @_jit("num_samples")
@@ -359,7 +384,8 @@ def beam_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: nnx.
                 sampling: SamplingConfig, beam_width: int, expansions: int, max_depth: int,
                 release_pruned: bool = True, capacity: TreeCapacity | None = None,
                 value_fn: ValueFn = linear_value,
-                expand_fn: Callable = expand_steps) -> BeamSearchResult:
+                expand_fn: Callable = expand_steps, mesh: Mesh | None = None,
+                sharding_rules: Rules = DEFAULT_RULES) -> BeamSearchResult:
   """Value-guided step beam search: W beams, E expansions each, the top W kept by value.
 
   Round 1 expands the root W times (W * E children); every later round expands each live
@@ -379,10 +405,11 @@ def beam_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: nnx.
     params, graphdef=graphdef, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
     spec=spec, sampling=sampling, max_depth=max_depth, capacity=capacity,
     nodes_per_problem=nodes, beam_width=beam_width, expansions=expansions)
-  return _beam_search(params, rng_key, tokens, lengths, sampling, graphdef=graphdef, spec=spec,
-                      capacity=capacity, value_fn=value_fn, expand_fn=expand_fn,
-                      max_depth=max_depth, beam_width=beam_width, expansions=expansions,
-                      release_pruned=bool(release_pruned))
+  return _call(_beam_search, BeamSearchResult, params, rng_key, tokens, lengths, sampling,
+               mesh=mesh, rules=sharding_rules, graphdef=graphdef, spec=spec,
+               capacity=capacity, value_fn=value_fn, expand_fn=expand_fn, max_depth=max_depth,
+               beam_width=beam_width, expansions=expansions,
+               release_pruned=bool(release_pruned))
 
 
 @_jit("beam_width", "expansions", "release_pruned")
@@ -424,7 +451,8 @@ def q_guided_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: 
                     sampling: SamplingConfig, num_candidates: int, max_depth: int,
                     release_pruned: bool = True, capacity: TreeCapacity | None = None,
                     value_fn: ValueFn = linear_value,
-                    expand_fn: Callable = expand_steps) -> StepSearchResult:
+                    expand_fn: Callable = expand_steps, mesh: Mesh | None = None,
+                    sharding_rules: Rules = DEFAULT_RULES) -> StepSearchResult:
   """One path per problem: at each step K candidate steps, the one of highest Q kept.
 
   Q(s, a) of a candidate is its node's value (the value or Q head read at the step's last
@@ -442,10 +470,10 @@ def q_guided_search(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: 
     spec=spec, sampling=sampling, max_depth=max_depth, capacity=capacity,
     nodes_per_problem=(max_depth + num_candidates if release_pruned
                        else max_depth * num_candidates), num_candidates=num_candidates)
-  return _q_guided_search(params, rng_key, tokens, lengths, sampling, graphdef=graphdef,
-                          spec=spec, capacity=capacity, value_fn=value_fn, expand_fn=expand_fn,
-                          max_depth=max_depth, num_candidates=num_candidates,
-                          release_pruned=bool(release_pruned))
+  return _call(_q_guided_search, StepSearchResult, params, rng_key, tokens, lengths, sampling,
+               mesh=mesh, rules=sharding_rules, graphdef=graphdef, spec=spec,
+               capacity=capacity, value_fn=value_fn, expand_fn=expand_fn, max_depth=max_depth,
+               num_candidates=num_candidates, release_pruned=bool(release_pruned))
 
 
 @_jit("num_candidates", "release_pruned")
@@ -479,7 +507,8 @@ def particle_filter(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: 
                     sampling: SamplingConfig, num_particles: int, max_depth: int,
                     temperature_weights: float = 1.0, resampling: str = "systematic",
                     capacity: TreeCapacity | None = None, value_fn: ValueFn = linear_value,
-                    expand_fn: Callable = expand_steps) -> StepSearchResult:
+                    expand_fn: Callable = expand_steps, mesh: Mesh | None = None,
+                    sharding_rules: Rules = DEFAULT_RULES) -> StepSearchResult:
   """Particle filtering over steps: N particles, weighted by their values, resampled each round.
 
   Round 1 extends N copies of the root by one step each; every later round first resamples
@@ -504,11 +533,11 @@ def particle_filter(params: PolicyValueParams, rng_key: jax.Array, *, graphdef: 
     params, graphdef=graphdef, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
     spec=spec, sampling=sampling, max_depth=max_depth, capacity=capacity,
     nodes_per_problem=num_particles * (max_depth + 1), num_particles=num_particles)
-  return _particle_filter(params, rng_key, tokens, lengths, sampling,
-                          jnp.asarray(temperature_weights, jnp.float32), graphdef=graphdef,
-                          spec=spec, capacity=capacity, value_fn=value_fn, expand_fn=expand_fn,
-                          max_depth=max_depth, num_particles=num_particles,
-                          resampling=resampling)
+  return _call(_particle_filter, StepSearchResult, params, rng_key, tokens, lengths, sampling,
+               jnp.asarray(temperature_weights, jnp.float32), mesh=mesh, rules=sharding_rules,
+               graphdef=graphdef, spec=spec, capacity=capacity, value_fn=value_fn,
+               expand_fn=expand_fn, max_depth=max_depth, num_particles=num_particles,
+               resampling=resampling)
 
 
 @_jit("num_particles", "resampling")
@@ -562,7 +591,8 @@ def best_first_search(params: PolicyValueParams, rng_key: jax.Array, *,
                       expansions_budget: int, max_depth: int, lam: float = 1.0,
                       step_cost: float = 0.0, path_cost: str = "depth",
                       capacity: TreeCapacity | None = None, value_fn: ValueFn = linear_value,
-                      expand_fn: Callable = expand_steps) -> StepSearchResult:
+                      expand_fn: Callable = expand_steps, mesh: Mesh | None = None,
+                      sharding_rules: Rules = DEFAULT_RULES) -> StepSearchResult:
   """Best-first search over steps (the LLM variant of Q*): pop the best node, expand K children.
 
   Priority (highest first) f(n) = g(n) + lam * value(n), with g = -step_cost * depth
@@ -595,12 +625,12 @@ def best_first_search(params: PolicyValueParams, rng_key: jax.Array, *,
     spec=spec, sampling=sampling, max_depth=max_depth, capacity=capacity,
     nodes_per_problem=expansions_budget * num_candidates, num_candidates=num_candidates,
     expansions_budget=expansions_budget)
-  return _best_first_search(params, rng_key, tokens, lengths, sampling,
-                            jnp.asarray(lam, jnp.float32), jnp.asarray(step_cost, jnp.float32),
-                            graphdef=graphdef, spec=spec, capacity=capacity, value_fn=value_fn,
-                            expand_fn=expand_fn, max_depth=max_depth,
-                            num_candidates=num_candidates, expansions_budget=expansions_budget,
-                            path_cost=path_cost)
+  return _call(_best_first_search, StepSearchResult, params, rng_key, tokens, lengths, sampling,
+               jnp.asarray(lam, jnp.float32), jnp.asarray(step_cost, jnp.float32),
+               mesh=mesh, rules=sharding_rules, graphdef=graphdef, spec=spec,
+               capacity=capacity, value_fn=value_fn, expand_fn=expand_fn, max_depth=max_depth,
+               num_candidates=num_candidates, expansions_budget=expansions_budget,
+               path_cost=path_cost)
 
 
 def _duplicate_siblings(tree: StepTree, children: jax.Array, made: jax.Array) -> jax.Array:

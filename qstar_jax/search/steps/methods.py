@@ -26,7 +26,9 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from qstar_jax.distributed import DEFAULT_RULES, Rules
 from qstar_jax.envs.grading import stated_answer
 from qstar_jax.models.decoding import SamplingConfig
 from qstar_jax.search.steps.lm_mcts import mcts_step_search
@@ -106,19 +108,24 @@ def prompt_batches(prompts: Sequence[Sequence[int]], batch: int, width: int | No
 def run_method(method: str, params: PolicyValueParams, rng_key: jax.Array, *,
                graphdef: nnx.GraphDef, prompt_tokens: Any, prompt_lengths: Any, spec: StepSpec,
                budget: SearchBudget, expand_fn: Callable = expand_steps,
-               value_fn: ValueFn = linear_value) -> StepSearchResult:
+               value_fn: ValueFn = linear_value, mesh: Mesh | None = None,
+               sharding_rules: Rules = DEFAULT_RULES) -> StepSearchResult:
   """Runs `method` (one of METHODS) on B prompts under `budget`; see the module doc.
 
   `expand_fn` / `value_fn` go to the search unchanged: e.g. `scorers.scored_expand(scorer)` with
   `scorers.zero_value` scores nodes by a verifier or a separate Q-model (`params.value` then
   holds the scorer's dict).
+
+  `mesh` / `sharding_rules` go to the search too: None runs on one device; a mesh splits the
+  B problems over its `data` x `fsdp` axes (B must divide over them) and places the parameters
+  by the rules (see `search.steps.sharded`).
   """
   if method not in METHODS:
     raise ValueError(f"method {method!r}: expected one of {METHODS}")
   sampled = SamplingConfig(max_new_tokens=spec.max_step_tokens, temperature=budget.temperature)
   common = dict(graphdef=graphdef, prompt_tokens=prompt_tokens, prompt_lengths=prompt_lengths,
                 spec=spec, max_depth=budget.max_depth, expand_fn=expand_fn,
-                value_fn=value_fn)
+                value_fn=value_fn, mesh=mesh, sharding_rules=sharding_rules)
   if method == "greedy":
     return sample_solutions(params, rng_key, sampling=sampled.replace(greedy=True),
                             num_samples=1, **common)

@@ -18,6 +18,13 @@ context cannot do better than (about) this; the training split's own unigram ent
 Writes ``out/results.json``, ``out/table.md``, ``out/loss_curve.png``, ``out/metrics.jsonl``,
 ``out/checkpoints/``, ``out/tokenizer.model``. Rerunning the same command after the process was
 killed resumes from the last checkpoint and ends with the same numbers.
+
+Devices: ``mesh=`` ("" = all devices on data; ``mesh=fsdp=8``, ``mesh=data=2,tensor=4``, ...)
+shards the model by `qstar_jax.distributed`'s rules and splits each batch over ``data`` x
+``fsdp`` (``data.batch_size`` and ``data.eval_batch_size`` must divide over them); ``runtime.*``
+sets the compilation cache and the multi-host start. The same command runs on every host of a
+pod slice: each host reads only its rows of every batch, process 0 writes the results. A run
+resumes on another mesh.
 """
 
 from __future__ import annotations
@@ -32,8 +39,15 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from qstar_jax.data.pipeline import iterate_batches, pack_tokens, read_tiny_shakespeare_splits
+from qstar_jax.data.pipeline import (
+  iterate_batches,
+  pack_tokens,
+  process_rows,
+  read_tiny_shakespeare_splits,
+)
+from qstar_jax.distributed import RuntimeConfig, data_shard, is_main_process, mesh_summary
 from qstar_jax.models import Llama, LlamaConfig
 from qstar_jax.models.params import count_params
 from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -43,6 +57,7 @@ from qstar_jax.training.metrics import read_metrics
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
 from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.run_setup import mesh_ignore_keys, setup_run
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent / "presets" / "lm_pretrain"
@@ -87,6 +102,9 @@ class LMPretrainConfig:
     default_factory=lambda: TrainLoopConfig(num_steps=400, eval_every=100, checkpoint_every=100)
   )
   plot: bool = True
+  # Where it runs (may change on resume): "" = all devices on data, else e.g. "fsdp=8".
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
 
 # ----------------------------------------------------------------------------------- pieces
@@ -165,7 +183,14 @@ def plot_curves(out: pathlib.Path, unigram: float) -> pathlib.Path | None:
 # ------------------------------------------------------------------------------------- run
 
 
-def run(cfg: LMPretrainConfig) -> dict[str, Any]:
+def batch_sizes(cfg: LMPretrainConfig) -> dict[str, int]:
+  """The global batch sizes the mesh must divide, by config key."""
+  return {"data.batch_size": cfg.data.batch_size, "data.eval_batch_size": cfg.data.eval_batch_size}
+
+
+def run(cfg: LMPretrainConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """The whole experiment into ``cfg.out``; ``mesh``: the train loop's device mesh (None: one
+  device; ``main`` passes the mesh of ``cfg.mesh``)."""
   t_start = time.perf_counter()
   timer = PhaseTimer()
   out = pathlib.Path(cfg.out)
@@ -195,12 +220,15 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
   optimizer = make_optimizer(cfg.optim, total_steps=num_steps)
   loss = lm_loss_fn(graphdef)
   bsz = cfg.data.batch_size
+  shard = data_shard()  # several processes: each reads its rows of every global batch
 
   def train_batches(start: int):
-    return iterate_batches(train_windows, batch_size=bsz, seed=cfg.seed, start_step=start)
+    return iterate_batches(train_windows, batch_size=bsz, seed=cfg.seed, start_step=start,
+                           shard=shard)
 
   def eval_batches():
-    return (eval_windows[i * cfg.data.eval_batch_size : (i + 1) * cfg.data.eval_batch_size]
+    return (process_rows(eval_windows[i * cfg.data.eval_batch_size:
+                                      (i + 1) * cfg.data.eval_batch_size], shard)
             for i in range(n_eval))
 
   print(
@@ -214,6 +242,7 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
     out_dir=out, run_config=config_to_dict(cfg), eval_batches=eval_batches,
     lr_fn=lr_schedule(cfg.optim, total_steps=num_steps),
     on_eval=lambda s, m: print(f"step {s}: val loss {m['loss']:.4f}", flush=True),
+    ignore_config_keys=mesh_ignore_keys(), mesh=mesh,
   )
   val_loss = result.eval_history[-1][1]["loss"]
   n_val_targets = eval_windows[:, 1:].size
@@ -242,6 +271,7 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
     "wall_time_s": wall,
     "timings_s": {**timer.summary(), **result.timings},
     "device": str(jax.devices()[0].platform),
+    "mesh": None if mesh is None else mesh_summary(mesh),
     "config": config_to_dict(cfg),
   }
   resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
@@ -264,7 +294,7 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
     f"{results['device']}{resumed}.\n"
   )
   write_results(out, results=results, table_md=table)
-  if cfg.plot:
+  if cfg.plot and is_main_process():
     plot_curves(out, baselines["unigram_cross_entropy_val"])
   print(table, flush=True)
   return results
@@ -273,7 +303,8 @@ def run(cfg: LMPretrainConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse_config(LMPretrainConfig, sys.argv[1:] if argv is None else argv,
                      presets_dir=PRESETS_DIR)
-  return run(cfg)
+  mesh = setup_run(cfg.mesh, cfg.runtime, batch_sizes=batch_sizes(cfg))
+  return run(cfg, mesh=mesh)
 
 
 if __name__ == "__main__":

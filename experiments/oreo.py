@@ -25,6 +25,11 @@ beam search, on the arithmetic task (CPU) or GSM8K (an accelerator preset).
 Writes ``out/results.json`` (``{"config", "methods": {method: [accuracy per seed]},
 "compute": {method: {...}}, "checks", "evals"}``), ``out/table.md`` (the paper's layout, its
 GSM8K numbers beside, a line per acceptance check) and ``out/accuracy.png``.
+
+Devices: ``mesh=`` ("" = all devices on data; e.g. ``mesh=fsdp=8``) is the mesh of the three
+training runs (model and reference sharded by `qstar_jax.distributed`'s rules, each batch split
+over data x fsdp: every method's ``batch_size`` must divide over them); ``runtime.*`` sets the
+compilation cache and the multi-host start. Only process 0 writes; runs resume on another mesh.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from qstar_jax.data.gsm8k import load_gsm8k
 from qstar_jax.data.reasoning import Trajectory, read_reasoning_jsonl, write_reasoning_jsonl
+from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
@@ -68,6 +75,7 @@ from qstar_jax.training.results import (
   write_json,
   write_results,
 )
+from qstar_jax.training.run_setup import setup_run
 from qstar_jax.training.value_learning import oreo_params
 from qstar_jax.training.value_runs import (
   ValueRunConfig,
@@ -121,6 +129,13 @@ class OreoExperimentConfig:
   rejection_sampling: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-4, 200))
   dpo: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-5, 200))
   oreo: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-5, 200))
+  # Where the training runs (may change on resume): "" = all devices on data, else "fsdp=8"...
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+  def batch_sizes(self) -> dict[str, int]:
+    """The global batch sizes of the training runs, by config key (the mesh must divide them)."""
+    return {f"{m}.batch_size": getattr(self, m).batch_size for m in TRAINED}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,18 +205,21 @@ def _samples(setup: Setup, seed: int, path: pathlib.Path) -> list[Trajectory]:
   if path.exists():
     return read_reasoning_jsonl(path, Trajectory)
   trajectories = setup.sample(seed)
-  tmp = write_reasoning_jsonl(path.with_suffix(".tmp"), trajectories)
-  tmp.replace(path)  # whole or absent: a killed run samples again
+  if is_main_process():
+    tmp = write_reasoning_jsonl(path.with_suffix(".tmp"), trajectories)
+    tmp.replace(path)  # whole or absent: a killed run samples again
   return trajectories
 
 
 def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
-           trajectories: list[Trajectory], out: pathlib.Path) -> tuple[PolicyValueParams, dict]:
-  """Trains one method of one seed (resumed from ``out``); its params and a compute record."""
+           trajectories: list[Trajectory], out: pathlib.Path,
+           mesh: Mesh | None = None) -> tuple[PolicyValueParams, dict]:
+  """Trains one method of one seed (resumed from ``out``, on ``mesh``); its params and a compute
+  record."""
   t0 = time.perf_counter()
   graphdef, sft = setup.test.graphdef, setup.test.params.policy
   run_cfg = dataclasses.replace(getattr(cfg, method), seed=seed)
-  common = dict(pad_id=setup.pad_id, cfg=run_cfg, out_dir=out, show_progress=True)
+  common = dict(pad_id=setup.pad_id, cfg=run_cfg, out_dir=out, show_progress=True, mesh=mesh)
   if method == "rejection_sampling":
     data = [t for t in trajectories if t.reward > 0.5]
     result = run_sft(graphdef, sft, data, **common)
@@ -309,7 +327,9 @@ def make_plot(out: pathlib.Path, results: dict[str, Any]) -> None:
   save_plot(fig, out / "accuracy.png")
 
 
-def run(cfg: OreoExperimentConfig) -> dict[str, Any]:
+def run(cfg: OreoExperimentConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """The experiment into ``cfg.out``; ``mesh``: the training runs' device mesh (None: one
+  device; ``main`` passes the mesh of ``cfg.mesh``)."""
   if cfg.task not in ("arithmetic", "gsm8k"):
     raise ValueError(f"task = {cfg.task!r}: expected 'arithmetic' or 'gsm8k'")
   if not cfg.seeds:
@@ -355,7 +375,7 @@ def run(cfg: OreoExperimentConfig) -> dict[str, Any]:
     for method in TRAINED:
       with timer.phase("train"):
         params, train_record = _train(method, setup, cfg, seed, trajectories,
-                                      seed_dir / method)
+                                      seed_dir / method, mesh)
       task = dataclasses.replace(setup.test, params=params)
       with timer.phase("eval"):
         point = _evaluate(evals, f"seed{seed}/{method}/greedy", evals_path, task, "greedy",
@@ -386,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   if not any(a.startswith("preset=") for a in argv):
     argv = ["preset=cpu", *argv]
-  return run(parse_config(OreoExperimentConfig, argv, presets_dir=PRESETS))
+  cfg = parse_config(OreoExperimentConfig, argv, presets_dir=PRESETS)
+  return run(cfg, mesh=setup_run(cfg.mesh, cfg.runtime, batch_sizes=cfg.batch_sizes()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ with `collect_only=true` to assemble results.json, table.md and the plot without
 
 "bf16" is the full-precision baseline: on the CPU preset its compute dtype is float32 (bf16
 matmuls are emulated and slow on CPUs), on accelerators bfloat16.
+
+Devices: `mesh=` ("" = all devices on data; e.g. `mesh=fsdp=8`) shards every run's model by
+`qstar_jax.distributed`'s rules and splits its batches over data x fsdp (`train.batch_size` and
+`eval_batch_size` must divide over them); `runtime.*` sets the compilation cache and the
+multi-host start. On several hosts each reads its rows of every batch and process 0 writes; a
+run resumes on another mesh.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ import sys
 import time
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from qstar_jax.data.pipeline import process_rows
+from qstar_jax.distributed import data_shard
 from qstar_jax.models.llama import Llama
 from qstar_jax.models.params import count_params, quantized_param_count
 from qstar_jax.training.config import config_to_dict, parse_config
@@ -48,7 +56,14 @@ from qstar_jax.training.quest_runs import (
   prepare_data,
   quest_model_config,
 )
-from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
+from qstar_jax.training.results import (
+  markdown_table,
+  new_figure,
+  save_plot,
+  write_json,
+  write_results,
+)
+from qstar_jax.training.run_setup import mesh_ignore_keys, setup_run
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "quest_scaling"
@@ -58,8 +73,9 @@ PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "quest_scaling"
 
 
 def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows, val_windows,
-              run_dir: pathlib.Path) -> dict[str, Any]:
-  """Trains one (size, precision) model; returns its results.json row (+ "size_bits")."""
+              run_dir: pathlib.Path, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """Trains one (size, precision) model (on ``mesh``; None: one device); returns its
+  results.json row (+ "size_bits")."""
   done_file = run_dir / "result.json"
   if done_file.is_file():
     return json.loads(done_file.read_text())
@@ -72,20 +88,21 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
   ocfg = optimizer_config(ts, steps)
   optimizer = make_optimizer(ocfg, total_steps=steps)
   b = ts.batch_size
+  shard = data_shard()  # several processes: each takes its rows of every global batch
 
   def train_batches(start_step):
     step = start_step
     while True:
       rng = np.random.default_rng([ts.seed, step])
       idx = rng.integers(0, len(train_windows), size=b)
-      yield jnp.asarray(train_windows[idx])
+      yield process_rows(train_windows[idx], shard)
       step += 1
 
   eb = cfg.eval_batch_size
 
   def eval_batches():
     for i in range(0, len(val_windows) - eb + 1, eb):
-      yield jnp.asarray(val_windows[i:i + eb])
+      yield process_rows(val_windows[i:i + eb], shard)
 
   method, w_bits, a_bits = RUN_KINDS[run]
   run_config = {"experiment": config_to_dict(cfg), "size": list(size), "run": run,
@@ -101,6 +118,7 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
       out_dir=run_dir, run_config=run_config, eval_batches=eval_batches,
       eval_loss_fn=lambda p, batch: loss_fn(p, batch),
       lr_fn=lr_schedule(ocfg, total_steps=steps),
+      ignore_config_keys=mesh_ignore_keys("experiment"), mesh=mesh,
     )
     val_loss = float(result.eval_history[-1][1]["loss"])
     finite = bool(np.isfinite(val_loss))
@@ -117,8 +135,7 @@ def train_one(cfg: QuestScalingConfig, size, run: str, steps: int, train_windows
     "size_bits": n_quant * bits + (n_params - n_quant) * 16,
     "seconds": round(time.time() - t0, 1),
   }
-  done_file.write_text(json.dumps(row, indent=2))
-  return row
+  return write_json(done_file, row)
 
 
 # --------------------------------------------------------------------------------- outputs
@@ -243,7 +260,16 @@ def pareto_plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   save_plot(fig, path)
 
 
-def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
+def batch_sizes(cfg: QuestScalingConfig) -> dict[str, int]:
+  """The global batch sizes the mesh must divide, by config key (none when only collecting)."""
+  if cfg.collect_only:
+    return {}
+  return {"train.batch_size": cfg.train.batch_size, "eval_batch_size": cfg.eval_batch_size}
+
+
+def run_experiment(cfg: QuestScalingConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """The table of ``cfg`` into ``cfg.out``; ``mesh``: the runs' device mesh (None: one device;
+  ``main`` passes the mesh of ``cfg.mesh``)."""
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   unknown = [r for r in cfg.runs if r not in RUN_KINDS]
@@ -273,7 +299,7 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
         row = json.loads(done.read_text())
       else:
         row = train_one(cfg, tuple(size), run, steps, train_windows, val_windows,
-                        out / "runs" / name)
+                        out / "runs" / name, mesh=mesh)
       rows.append(row)
       loss = row["val_loss"]
       print(f"[{time.time() - t0:7.0f}s] {name}: params={row['params']} val_loss="
@@ -292,7 +318,8 @@ def run_experiment(cfg: QuestScalingConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse_config(QuestScalingConfig, sys.argv[1:] if argv is None else argv,
                      presets_dir=PRESETS)
-  return run_experiment(cfg)
+  mesh = setup_run(cfg.mesh, cfg.runtime, batch_sizes=batch_sizes(cfg))
+  return run_experiment(cfg, mesh=mesh)
 
 
 if __name__ == "__main__":

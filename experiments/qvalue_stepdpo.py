@@ -32,6 +32,12 @@ changing a setting of a stage, delete its files (or use another `out`).
 `task=gsm8k` (preset gpu): the same stages on GSM8K train / test questions with pretrained chat
 models (`gsm8k.model` = A, `gsm8k.model_b` = B, which must share A's tokenizer), zero-shot
 prompts, one step per line.
+
+Devices: `mesh=` ("" = all devices on data; e.g. `mesh=fsdp=8`) is the mesh of the trainings
+(policy B's SFT and the step-DPO Q-models: model and reference sharded by
+`qstar_jax.distributed`'s rules, each batch split over data x fsdp, so `qmodel.run.batch_size`
+and `policy_b.data.batch_size` must divide over them); `runtime.*` sets the compilation cache and
+the multi-host start. Only process 0 writes the stage files (`out` on a disk every host sees).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from qstar_jax.data.gsm8k import load_gsm8k
 from qstar_jax.data.reasoning import (
@@ -57,6 +64,7 @@ from qstar_jax.data.reasoning import (
   preference_pairs_from_annotations,
   write_reasoning_jsonl,
 )
+from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models import load_pretrained
@@ -89,6 +97,7 @@ from qstar_jax.training.results import (
   write_json,
   write_results,
 )
+from qstar_jax.training.run_setup import setup_run, sync_processes
 from qstar_jax.training.train_loop import TrainLoopConfig
 from qstar_jax.training.value_learning import check_reference_vocabulary, dpo_loss_fn
 from qstar_jax.training.value_runs import ValueRunConfig, run_preference
@@ -166,6 +175,17 @@ class QValueConfig:
   annotation: AnnotationConfig = AnnotationConfig()
   qmodel: QModelConfig = QModelConfig()
   eval: EvalConfig = EvalConfig()
+  # Where policy B's SFT and the Q-models train (may change on resume): "" = all devices on
+  # data, else e.g. "fsdp=8" (policy_b.mesh / policy_b.runtime are not read: these are).
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+  def batch_sizes(self) -> dict[str, int]:
+    """The global batch sizes of its trainings, by config key (the mesh must divide them)."""
+    sizes = {"qmodel.run.batch_size": self.qmodel.run.batch_size}
+    if self.task == "arithmetic":
+      sizes["policy_b.data.batch_size"] = self.policy_b.data.batch_size
+    return sizes
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -346,17 +366,23 @@ def _pretrained_policy(tag: str, spec: str, cfg: QValueConfig) -> StepPolicy:
                     prompt=lambda q: gsm8k_prompt(tokenizer, q))
 
 
-def load_policies(cfg: QValueConfig, out: pathlib.Path) -> tuple[StepPolicy, StepPolicy]:
-  """(A, B) of the task; arithmetic B is trained into `out/policy_b` once (A's tokenizer
-  copied there first), then loaded. B's vocabulary must be A's (the Q-model scores B's steps)."""
+def load_policies(cfg: QValueConfig, out: pathlib.Path, *,
+                  mesh: Mesh | None = None) -> tuple[StepPolicy, StepPolicy]:
+  """(A, B) of the task; arithmetic B is trained (on `mesh`) into `out/policy_b` once (A's
+  tokenizer copied there first), then loaded. B's vocabulary must be A's (the Q-model scores B's
+  steps)."""
   if cfg.task == "arithmetic":
     a = load_arithmetic_policy(cfg.policy or None)
     folder = out / "policy_b"
     if not (folder / "config.json").is_file():
-      folder.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(a.path / "tokenizer.model", folder / "tokenizer.model")
+      if is_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(a.path / "tokenizer.model", folder / "tokenizer.model")
+      sync_processes(f"qvalue_stepdpo tokenizer {folder}")
       train_arithmetic_policy(dataclasses.replace(cfg.policy_b, out=str(folder), install=False),
-                              command=f"experiments.qvalue_stepdpo policy_b (out={folder})")
+                              command=f"experiments.qvalue_stepdpo policy_b (out={folder})",
+                              mesh=mesh)
+      sync_processes(f"qvalue_stepdpo policy_b {folder}")
     b = load_arithmetic_policy(folder)
     policy_a = _arithmetic_policy("A", a, cfg)
     policy_b = _arithmetic_policy("B", b, cfg, train_seconds=b.config.get("wall_time_s"))
@@ -404,6 +430,7 @@ def annotate(cfg: QValueConfig, policy: StepPolicy, seed: int,
     problems=[{"question": p.question, "answer": p.answer} for p in problems],
     desc=f"annotate seed {seed}")
   _write_jsonl(folder / "annotations.jsonl", result.records)
+  sync_processes(f"qvalue_stepdpo annotations {folder}")
   solved = [_solves(r, p) for r, p in zip(result.records, problems, strict=True)]
   return write_json(folder / "annotation.json", {
     "num_problems": len(problems), "best_trajectory_accuracy": float(np.mean(solved)),
@@ -418,7 +445,8 @@ def step_pairs(cfg: QValueConfig, folder: pathlib.Path) -> tuple[list[Preference
   records = [json.loads(line) for line in (folder / "annotations.jsonl").read_text().splitlines()
              if line.strip()]
   extraction = preference_pairs_from_annotations(records, min_q_gap=cfg.annotation.min_q_gap)
-  write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
+  if is_main_process():
+    write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
   counts = {k: getattr(extraction, k) for k in (
     "num_depths", "skipped_few_q", "dropped_tie", "dropped_identical", "dropped_small_gap")}
   return list(extraction.pairs), {"num_pairs": len(extraction.pairs), **counts}
@@ -430,6 +458,8 @@ def _solves(record: Mapping[str, Any], problem: Problem) -> bool:
 
 
 def _write_jsonl(path: pathlib.Path, records: Sequence[Mapping[str, Any]]) -> None:
+  if not is_main_process():
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(".tmp")
   with tmp.open("w") as f:
@@ -457,7 +487,8 @@ def pair_accuracy(graphdef: nnx.GraphDef, params: Any, reference_params: Any,
 
 
 def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathlib.Path,
-                 annotation: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+                 annotation: Mapping[str, Any], *,
+                 mesh: Mesh | None = None) -> tuple[Any, dict[str, Any]]:
   """(Q-model params, record): step-DPO of a copy of A against A (frozen) on the pairs of the
   non-held-out problems; rerunning restores the run's last checkpoint (and continues it)."""
   q = cfg.qmodel
@@ -469,7 +500,7 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
   result = run_preference(
     policy.graphdef, jax.tree.map(np.array, policy.params), train_pairs,
     reference_params=policy.params, pad_id=policy.spec.pad_id, beta=q.beta, mean_tokens=True,
-    cfg=dataclasses.replace(q.run, seed=seed), out_dir=folder / "qmodel")
+    cfg=dataclasses.replace(q.run, seed=seed), out_dir=folder / "qmodel", mesh=mesh)
   seconds = time.perf_counter() - t0
   record = read_json(folder / "qmodel.json")
   if record is None:
@@ -512,13 +543,15 @@ def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
   return out
 
 
-def run(cfg: QValueConfig) -> dict[str, Any]:
+def run(cfg: QValueConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """The experiment into ``cfg.out``; ``mesh``: the device mesh of its trainings (policy B's SFT,
+  the Q-models; None: one device; ``main`` passes the mesh of ``cfg.mesh``)."""
   if not cfg.seeds:
     raise ValueError("seeds=[]: expected at least one seed")
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
-  policy_a, policy_b = load_policies(cfg, out)
+  policy_a, policy_b = load_policies(cfg, out, mesh=mesh)
   policies = {policy_a.name: policy_a, policy_b.name: policy_b}
   per_seed, evals = [], []
   for seed in cfg.seeds:
@@ -527,7 +560,7 @@ def run(cfg: QValueConfig) -> dict[str, Any]:
     evaluation = read_json(folder / "eval.json")
     qmodel = read_json(folder / "qmodel.json")
     if evaluation is None or qmodel is None:
-      q_params, qmodel = train_qmodel(cfg, policy_a, seed, folder, annotation)
+      q_params, qmodel = train_qmodel(cfg, policy_a, seed, folder, annotation, mesh=mesh)
       evaluation = write_json(folder / "eval.json", {
         name: evaluate_policy(cfg, p, seed, q_graphdef=policy_a.graphdef, q_params=q_params,
                               reference_params=policy_a.params)
@@ -562,7 +595,7 @@ def run(cfg: QValueConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse_config(QValueConfig, sys.argv[1:] if argv is None else argv, presets_dir=PRESETS)
-  return run(cfg)
+  return run(cfg, mesh=setup_run(cfg.mesh, cfg.runtime, batch_sizes=cfg.batch_sizes()))
 
 
 if __name__ == "__main__":

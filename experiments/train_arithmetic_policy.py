@@ -10,6 +10,8 @@ the project's train loop (orbax checkpoints in ``out/checkpoints``, resumed on r
 on the policy's own samples. Writes the artifacts (``tokenizer.model``, ``params.npz``,
 ``config.json``, ``README.md``) into ``out``; ``install=true`` (or ``--install``) also copies them
 into the package's assets folder. Presets: experiments/presets/train_arithmetic_policy/*.yaml.
+``mesh=`` chooses the SFT's device mesh ("" = all devices on data; e.g. ``mesh=fsdp=8``),
+``runtime.*`` the compilation cache and the multi-host start; a run resumes on another mesh.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from qstar_jax.training.arithmetic_policy import ArithmeticPolicyConfig, train_arithmetic_policy
 from qstar_jax.training.config import parse_config
+from qstar_jax.training.run_setup import setup_run
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent / "presets" / "train_arithmetic_policy"
 
@@ -30,7 +33,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   argv = ["install=true" if a == "--install" else a for a in argv]
   cfg = parse_config(ArithmeticPolicyConfig, argv, presets_dir=PRESETS_DIR)
   command = shlex.join(["python", "-m", "experiments.train_arithmetic_policy", *argv])
-  return train_arithmetic_policy(cfg, command=command)
+  mesh = setup_run(cfg.mesh, cfg.runtime, batch_sizes={"data.batch_size": cfg.data.batch_size})
+  return train_arithmetic_policy(cfg, command=command, mesh=mesh)
 
 
 if __name__ == "__main__":

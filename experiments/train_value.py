@@ -24,6 +24,11 @@ Resuming: kill the run (even SIGKILL) and rerun the same command: it continues f
 checkpoint and ends with the parameters of an uninterrupted run. A NaN loss stops the run with
 an error naming its step; the last good checkpoint is kept. Presets:
 experiments/presets/train_value/*.yaml.
+
+Devices: ``mesh=`` ("" = all devices on data; e.g. ``mesh=fsdp=8``) shards the model and the
+frozen reference by `qstar_jax.distributed`'s rules and splits each batch over data x fsdp
+(``run.batch_size`` must divide over them); ``runtime.*`` sets the compilation cache and the
+multi-host start. A run resumes on another mesh; only process 0 writes.
 """
 
 from __future__ import annotations
@@ -40,10 +45,14 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from qstar_jax.data.reasoning import PreferencePair, Trajectory, read_reasoning_jsonl
+from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.models.arithmetic_policy import load_arithmetic_policy, save_arithmetic_policy
 from qstar_jax.training.config import config_to_dict, parse_config
+from qstar_jax.training.results import write_json
+from qstar_jax.training.run_setup import setup_run
 from qstar_jax.training.value_learning import oreo_params
 from qstar_jax.training.value_runs import (
   ValueRunConfig,
@@ -71,6 +80,9 @@ class TrainValueConfig:
   step_level: bool = False        # OREO at the step level
   label_smoothing: float = 0.0    # DPO
   run: ValueRunConfig = dataclasses.field(default_factory=ValueRunConfig)
+  # Where it runs (may change on resume): "" = all devices on data, else e.g. "fsdp=8".
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
 
 def _check(cfg: TrainValueConfig) -> None:
@@ -93,8 +105,10 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def train_value(cfg: TrainValueConfig, *, command: str = "") -> dict[str, Any]:
-  """Runs the method of ``cfg`` (see the module doc); returns the results dict it writes."""
+def train_value(cfg: TrainValueConfig, *, command: str = "",
+                mesh: Mesh | None = None) -> dict[str, Any]:
+  """Runs the method of ``cfg`` (see the module doc) on ``mesh`` (None: one device); returns the
+  results dict it writes."""
   _check(cfg)
   out = pathlib.Path(cfg.out)
   policy = load_arithmetic_policy(cfg.policy or None)
@@ -107,7 +121,7 @@ def train_value(cfg: TrainValueConfig, *, command: str = "") -> dict[str, Any]:
                        f"{cfg.data} has reward > 0: expected at least one correct sample")
     records = kept
   beta = cfg.beta or DEFAULT_BETA.get(cfg.method, 0.0)
-  common = dict(pad_id=policy.pad_id, cfg=cfg.run, out_dir=out / "run")
+  common = dict(pad_id=policy.pad_id, cfg=cfg.run, out_dir=out / "run", mesh=mesh)
   head = nnx.merge(policy.value_graphdef, policy.value_params)
   value = {"kernel": np.asarray(head.kernel[...]), "bias": np.asarray(head.bias[...])}
   t0 = time.perf_counter()
@@ -134,11 +148,12 @@ def train_value(cfg: TrainValueConfig, *, command: str = "") -> dict[str, Any]:
   model_config = {k: v for k, v in policy.config.items() if k != "llama"}
   model_config["value_training"] = {"method": cfg.method, "data": str(cfg.data),
                                     "beta": beta, "command": command}
-  save_arithmetic_policy(
-    out / "model", model=nnx.merge(policy.graphdef, trained), value_kernel=value["kernel"],
-    value_bias=value["bias"], tokenizer_path=policy.path / "tokenizer.model",
-    config=model_config,
-    readme=f"# {cfg.method} model of the arithmetic policy\n\nMade by:\n\n    {command}\n")
+  if is_main_process():
+    save_arithmetic_policy(
+      out / "model", model=nnx.merge(policy.graphdef, trained), value_kernel=value["kernel"],
+      value_bias=value["bias"], tokenizer_path=policy.path / "tokenizer.model",
+      config=model_config,
+      readme=f"# {cfg.method} model of the arithmetic policy\n\nMade by:\n\n    {command}\n")
   results = {
     "config": config_to_dict(cfg), "method": cfg.method, "beta": beta,
     "num_examples": len(records), "steps": cfg.run.num_steps,
@@ -146,7 +161,7 @@ def train_value(cfg: TrainValueConfig, *, command: str = "") -> dict[str, Any]:
     "params_digest": params_digest(trained), "seconds": round(seconds, 2),
     "model": str(out / "model"), "command": command,
   }
-  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  write_json(out / "results.json", results)
   print(json.dumps({k: results[k] for k in ("method", "num_examples", "resumed_from_step",
                                             "final_train_loss", "params_digest")}))
   return results
@@ -156,7 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   cfg = parse_config(TrainValueConfig, argv, presets_dir=PRESETS_DIR)
   command = shlex.join(["python", "-m", "experiments.train_value", *argv])
-  return train_value(cfg, command=command)
+  _check(cfg)  # the config's own errors first, before the runtime touches the devices
+  mesh = setup_run(cfg.mesh, cfg.runtime, batch_sizes={"run.batch_size": cfg.run.batch_size})
+  return train_value(cfg, command=command, mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ the trained model as an arithmetic-policy folder), `evals/` (one JSON per value 
 Writes `results.json` (`{"config", "baselines": {METHOD: {...}}, "values": {VALUE: {METHOD:
 {"accuracy", "tokens_decoded", "model_calls", "n_problems", "seconds", ...}}}, "data",
 "training"}`), `table.md` and `accuracy_vs_tokens.png`.
+
+Devices: `mesh=` ("" = all devices on data; e.g. `mesh=fsdp=8`) is the mesh of the value
+trainings (model and reference sharded by `qstar_jax.distributed`'s rules, each batch split over
+data x fsdp: every `training.*.batch_size` must divide over them); `runtime.*` sets the
+compilation cache and the multi-host start. Only process 0 writes the stage files (`out` on a
+disk every host sees); the other processes wait for them where they are read back.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from qstar_jax.data.reasoning import (
   PreferencePair,
@@ -46,6 +53,7 @@ from qstar_jax.data.reasoning import (
   read_reasoning_jsonl,
   write_reasoning_jsonl,
 )
+from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.models.arithmetic_policy import (
   ArithmeticPolicy,
@@ -72,6 +80,7 @@ from qstar_jax.training.results import (
   write_json,
   write_results,
 )
+from qstar_jax.training.run_setup import setup_run, sync_processes
 from qstar_jax.training.value_learning import oreo_params
 from qstar_jax.training.value_runs import ValueRunConfig, run_oreo, run_preference, run_prm
 
@@ -121,6 +130,14 @@ class ValueSearchConfig:
                                          q_candidates=5, temperature=0.7, max_depth=6))
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   training: ValuesConfig = dataclasses.field(default_factory=ValuesConfig)
+  # Where the trainings run (may change on resume): "" = all devices on data, else "fsdp=8"...
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+  def batch_sizes(self) -> dict[str, int]:
+    """The global batch sizes of the value trainings it runs, by config key."""
+    return {f"training.{v}.batch_size": getattr(self.training, v).batch_size
+            for v in self.values if v != "outcome"}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -153,10 +170,12 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
                              max_depth=cfg.budget.max_depth, cfg=d.annotation, seed=cfg.seed,
                              problems=[{"question": p.question, "answer": str(p.answer)}
                                        for p in problems])
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "annotations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ann.records))
     extraction = preference_pairs_from_annotations(ann.records, min_q_gap=d.min_q_gap)
-    write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
+    if is_main_process():
+      folder.mkdir(parents=True, exist_ok=True)
+      (folder / "annotations.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in ann.records))
+      write_reasoning_jsonl(folder / "pairs.jsonl", extraction.pairs)
     record["annotation"] = {
       "problems": len(problems), "pairs": len(extraction.pairs),
       "tokens_decoded_per_problem": ann.tokens_decoded, "seconds": ann.seconds,
@@ -172,36 +191,43 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
       tokenizer=policy.tokenizer, num_samples=d.samples_per_problem,
       stop_ids=policy.step_stop_ids, prompt_format=policy.prompt_format,
       temperature=d.sample_temperature)
-    write_reasoning_jsonl(folder / "samples.jsonl", samples)
+    if is_main_process():
+      write_reasoning_jsonl(folder / "samples.jsonl", samples)
     record["samples"] = {"problems": len(problems), "trajectories": len(samples),
                          "correct_fraction": float(np.mean([t.reward > 0 for t in samples])),
                          "seconds": time.perf_counter() - t0}
     write_json(folder / "data.json", record)
+  sync_processes(f"value_search data {folder}")
   return record
 
 
 def _save_model(folder: pathlib.Path, policy: ArithmeticPolicy, params: Any,
                 head: dict[str, Any], name: str) -> ArithmeticPolicy:
   config = {k: v for k, v in policy.config.items() if k != "llama"}
-  save_arithmetic_policy(folder, model=nnx.merge(policy.graphdef, params),
-                         value_kernel=np.asarray(head["kernel"]),
-                         value_bias=np.asarray(head["bias"]), tokenizer_path=policy.path /
-                         "tokenizer.model", config={**config, "value_training": name},
-                         readme=f"# {name} model of the arithmetic policy (experiments."
-                                "value_search)\n")
+  if is_main_process():
+    save_arithmetic_policy(folder, model=nnx.merge(policy.graphdef, params),
+                           value_kernel=np.asarray(head["kernel"]),
+                           value_bias=np.asarray(head["bias"]), tokenizer_path=policy.path /
+                           "tokenizer.model", config={**config, "value_training": name},
+                           readme=f"# {name} model of the arithmetic policy (experiments."
+                                  "value_search)\n")
+  sync_processes(f"value_search model {folder}")
   return load_arithmetic_policy(folder)
 
 
 def train_value(name: str, cfg: ValueSearchConfig, policy: ArithmeticPolicy,
-                data: pathlib.Path, folder: pathlib.Path) -> tuple[ArithmeticPolicy, dict]:
-  """The trained model of value `name` (loaded when `folder/model` exists) and its record."""
+                data: pathlib.Path, folder: pathlib.Path,
+                mesh: Mesh | None = None) -> tuple[ArithmeticPolicy, dict]:
+  """The trained model of value `name` (loaded when `folder/model` exists; trained on `mesh`,
+  None: one device) and its record."""
   record = read_json(folder / "training.json")
   if record is not None and (folder / "model" / "config.json").is_file():
     return load_arithmetic_policy(folder / "model"), record
   t = cfg.training
   head = nnx.merge(policy.value_graphdef, policy.value_params)
   head = {"kernel": np.asarray(head.kernel[...]), "bias": np.asarray(head.bias[...])}
-  common = dict(reference_params=policy.params, pad_id=policy.pad_id, out_dir=folder / "run")
+  common = dict(reference_params=policy.params, pad_id=policy.pad_id, out_dir=folder / "run",
+                mesh=mesh)
   t0 = time.perf_counter()
   if name == "step_dpo":
     pairs = read_reasoning_jsonl(data / "pairs.jsonl", PreferencePair)
@@ -298,7 +324,9 @@ def make_plot(out: pathlib.Path, results: dict[str, Any]) -> None:
   save_plot(fig, out / "accuracy_vs_tokens.png")
 
 
-def run(cfg: ValueSearchConfig) -> dict[str, Any]:
+def run(cfg: ValueSearchConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
+  """The experiment into ``cfg.out``; ``mesh``: the value trainings' device mesh (None: one
+  device; ``main`` passes the mesh of ``cfg.mesh``)."""
   _check(cfg)
   out = pathlib.Path(cfg.out)
   task = arithmetic_task(cfg.task)
@@ -317,7 +345,7 @@ def run(cfg: ValueSearchConfig) -> dict[str, Any]:
       extra: dict[str, Any] = {}
     else:
       model, results["training"][value] = train_value(value, cfg, policy, out / "data",
-                                                      out / "values" / value)
+                                                      out / "values" / value, mesh)
       scorer, scorer_params = scorer_for(value, cfg, policy, model)
       extra = {"scorer": scorer, "scorer_params": scorer_params}
     results["values"][value] = {}
@@ -338,7 +366,8 @@ def run(cfg: ValueSearchConfig) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse_config(ValueSearchConfig, sys.argv[1:] if argv is None else argv,
                      presets_dir=PRESETS)
-  return run(cfg)
+  _check(cfg)
+  return run(cfg, mesh=setup_run(cfg.mesh, cfg.runtime, batch_sizes=cfg.batch_sizes()))
 
 
 if __name__ == "__main__":

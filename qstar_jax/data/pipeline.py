@@ -19,6 +19,7 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import jax
 import numpy as np
 
 from qstar_jax.data import text as text_lib
@@ -32,6 +33,8 @@ __all__ = [
   "batch_indices",
   "batch_at",
   "iterate_batches",
+  "shard_rows",
+  "process_rows",
   "pack_tokens",
   "pack_documents",
   "read_tiny_shakespeare_splits",
@@ -117,14 +120,40 @@ def batch_at(
   idx = batch_indices(step, batch_size=batch_size, num_examples=len(source), seed=seed,
                       shuffle=shuffle)
   if shard is not None:
-    index, count = shard
-    if batch_size % count or not 0 <= index < count:
-      raise ValueError(
-        f"shard={shard}: expected 0 <= index < count and batch_size={batch_size} divisible by count"
-      )
-    per = batch_size // count
-    idx = idx[index * per : (index + 1) * per]
+    idx = idx[shard_rows(batch_size, shard)]
   return collate([source[int(i)] for i in idx])
+
+
+def shard_rows(batch_size: int, shard: tuple[int, int] | None) -> slice:
+  """The rows of a global batch of ``batch_size`` that process ``shard = (index, count)`` holds:
+  ``[index * B / count, (index + 1) * B / count)`` (all of them when ``shard`` is None)."""
+  if shard is None:
+    return slice(0, batch_size)
+  index, count = shard
+  if count < 1 or batch_size % count or not 0 <= index < count:
+    raise ValueError(
+      f"shard={shard}: expected 0 <= index < count and batch_size={batch_size} divisible by count"
+    )
+  per = batch_size // count
+  return slice(index * per, (index + 1) * per)
+
+
+def process_rows(batch: Any, shard: tuple[int, int] | None) -> Any:
+  """This process's rows of a global batch built whole in memory: every array leaf of ``batch``
+  (a dict, a tuple, a ``flax.struct`` batch) cut to ``shard_rows(B, shard)`` along its leading
+  dimension ``B``. ``shard`` None (one process): ``batch`` unchanged. What ``batch_at(...,
+  shard=)`` does for a data source, for loops that make each batch in numpy at once."""
+  if shard is None or batch is None:
+    return batch
+  leaves = [x for x in jax.tree.leaves(batch) if np.ndim(x) > 0]
+  sizes = {np.shape(x)[0] for x in leaves}
+  if len(sizes) > 1:
+    raise ValueError(f"process_rows: the batch's leaves have different leading sizes "
+                     f"{sorted(sizes)}: expected one batch dimension")
+  if not sizes:
+    return batch
+  rows = shard_rows(sizes.pop(), shard)
+  return jax.tree.map(lambda x: x[rows] if np.ndim(x) > 0 else x, batch)
 
 
 def iterate_batches(

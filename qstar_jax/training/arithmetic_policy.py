@@ -26,6 +26,11 @@ Pipeline (`train_arithmetic_policy`):
    least squares (the exact minimiser of the MSE + ``ridge * |w|^2``), fitted on a share of the
    problems and evaluated (MSE, AUC, accuracy at threshold 0.5) on the held-out rest.
 6. **Artifacts**: `models.save_arithmetic_policy` writes the folder.
+
+The SFT runs on a device mesh when one is given (``train_arithmetic_policy(cfg, mesh=...)``; the
+experiment passes the mesh of ``cfg.mesh``): the Llama is sharded by `qstar_jax.distributed`'s
+rules, each batch split over ``data`` x ``fsdp`` (``data.batch_size`` must divide over them), each
+process builds only its rows of every batch, and only process 0 writes the artifacts.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from qstar_jax.data.pipeline import process_rows
+from qstar_jax.distributed import RuntimeConfig, data_shard, is_main_process
 from qstar_jax.envs.arithmetic import (
   POLICY_PROMPT_FORMAT,
   ArithmeticConfig,
@@ -67,6 +75,7 @@ from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.lm import window_token_nll
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer, progress
+from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 __all__ = [
@@ -160,6 +169,9 @@ class ArithmeticPolicyConfig:
   eval: PolicyEvalConfig = dataclasses.field(default_factory=PolicyEvalConfig)
   value: ValueFitConfig = dataclasses.field(default_factory=ValueFitConfig)
   install: bool = False           # copy the artifacts into the package's assets folder
+  # Where the SFT runs (may change on resume): "" = all devices on data, else e.g. "fsdp=8".
+  mesh: str = ""
+  runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
 
 
 # ------------------------------------------------------------------------------------ corpus
@@ -450,9 +462,13 @@ def install_arithmetic_policy(src: str | pathlib.Path,
 
 
 def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
-                            show_progress: bool | None = None) -> dict[str, Any]:
+                            show_progress: bool | None = None,
+                            mesh: Mesh | None = None) -> dict[str, Any]:
   """Runs the whole pipeline (module docstring) into ``cfg.out``; returns the record that
-  ``config.json`` holds beside the model config."""
+  ``config.json`` holds beside the model config. ``mesh``: the SFT's device mesh (None: one
+  device)."""
+  if mesh is not None:  # before any data or model: the error names the config key
+    check_batch_sizes(mesh, {"data.batch_size": cfg.data.batch_size})
   t_start = time.perf_counter()
   timer = PhaseTimer()
   out = pathlib.Path(cfg.out)
@@ -479,13 +495,16 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
   graphdef, params = nnx.split(model)
   num_steps = cfg.loop.num_steps
   bsz = d.batch_size
+  shard = data_shard()  # several processes: each takes its rows of every global batch
 
   def train_batches(start: int):
-    return length_grouped_batches(tokens, weights, batch_size=bsz, seed=cfg.seed,
-                                  start_step=start)
+    batches = length_grouped_batches(tokens, weights, batch_size=bsz, seed=cfg.seed,
+                                     start_step=start)
+    return batches if shard is None else (process_rows(b, shard) for b in batches)
 
   def eval_batches():
-    return ({"tokens": eval_tokens[i:i + bsz], "weights": eval_weights[i:i + bsz]}
+    return (process_rows({"tokens": eval_tokens[i:i + bsz], "weights": eval_weights[i:i + bsz]},
+                         shard)
             for i in range(0, len(eval_tokens) - bsz + 1, bsz))
 
   print(f"arithmetic policy: {count_params(params):,} params, vocab {tok.vocab_size}, "
@@ -496,7 +515,8 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
     train_batches=train_batches, config=cfg.loop, out_dir=out,
     run_config=config_to_dict(cfg), eval_batches=eval_batches if len(eval_tokens) >= bsz
     else None, lr_fn=lr_schedule(cfg.optim, total_steps=num_steps),
-    show_progress=show_progress, ignore_config_keys=("out", "install"))
+    show_progress=show_progress, ignore_config_keys=("out", "install", *mesh_ignore_keys()),
+    mesh=mesh)
   params = result.params
 
   with timer.phase("greedy"):
@@ -592,6 +612,8 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
   }
   record["wall_time_s"] = time.perf_counter() - t_start
   record["timings_s"] = {**timer.summary(), **result.timings}
+  if not is_main_process():
+    return record
   save_arithmetic_policy(out, model=nnx.merge(graphdef, params), value_kernel=kernel,
                          value_bias=bias, tokenizer_path=out / "tokenizer.model", config=record,
                          readme=_readme(command, record))

@@ -16,6 +16,12 @@ Training runs on the one train loop (``training/train_loop.py``): steps run
 loop state's ``extra`` and its refresh is the loop's ``on_step`` hook; resume, metrics, progress
 and checkpoints are the loop's. The data of step ``t`` is a function of ``(seed, t)`` only, so a
 resumed run reproduces an uninterrupted one.
+
+On a device mesh (``train_puzzle(cfg, mesh=...)``; the experiment's ``mesh`` key) the network,
+its Adam moments and the target network are placed by the puzzle rules of
+`qstar_jax.distributed` (hidden dims over ``fsdp`` / ``tensor``), and the scrambled states of
+each step, drawn inside the jitted step, are split over ``data`` x ``fsdp`` (``batch_size`` must
+divide over them): every device scrambles and evaluates its share of the batch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from qstar_jax.distributed import RuntimeConfig, batch_spec, is_main_process
 from qstar_jax.envs import make_env
 from qstar_jax.envs.puzzle import PuzzleEnv
 from qstar_jax.losses.dqn import (
@@ -45,6 +53,7 @@ from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
 from qstar_jax.training.checkpoint import load_model, save_model
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
 from qstar_jax.training.train_loop import TrainLoopConfig, TrainState, train
 
 
@@ -78,6 +87,9 @@ class PuzzleTrainConfig:
   max_seconds: float = 0.0  # > 0: stop (checkpoint + export) after this much wall time
   seed: int = 0
   out: str = ""
+  # Where it runs (may change on resume): "" = all devices on data, else e.g. "fsdp=8".
+  mesh: str = ""
+  runtime: RuntimeConfig = RuntimeConfig()
 
 
 def env_for(cfg: PuzzleTrainConfig) -> PuzzleEnv:
@@ -111,11 +123,13 @@ def optimizer_config(cfg: PuzzleTrainConfig) -> OptimizerConfig:
                          b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=None)
 
 
-def make_loss_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef):
+def make_loss_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef, *,
+                 mesh: Mesh | None = None):
   """``loss(params, batch, rng_key, extra) -> (mean squared Bellman error, {})`` for the loop.
 
   ``batch`` is unused (None): the states are scrambled from ``rng_key``; ``extra`` holds the
-  target network (``extra["target_params"]``).
+  target network (``extra["target_params"]``). With ``mesh`` the states are constrained to the
+  batch sharding (split over ``data`` x ``fsdp``), so each device works on its rows.
   """
   apply = lambda params, states: nnx.merge(graphdef, params)(env.encode(states))  # noqa: E731
   if cfg.value_target:
@@ -133,6 +147,9 @@ def make_loss_fn(cfg: PuzzleTrainConfig, env: PuzzleEnv, graphdef: nnx.GraphDef)
   def bellman_error(params, target_params, key):
     key_s, key_a = jax.random.split(key)
     states, _ = env.scramble(key_s, num_states=cfg.batch_size, max_depth=cfg.max_scramble_depth)
+    if mesh is not None:
+      states = jax.lax.with_sharding_constraint(
+        states, NamedSharding(mesh, batch_spec(states.ndim)))
     if cfg.head == "value":
       y = value_iteration_targets(target_params, states, env=env, value_fn=apply)
       return jnp.mean(squared_td_error(apply(params, states), y))
@@ -178,13 +195,18 @@ def make_target_refresh(cfg: PuzzleTrainConfig):
   return refresh
 
 
-def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
-  """Trains on the train loop (resumable from ``out/checkpoints``), exports ``out/model``.
+def train_puzzle(cfg: PuzzleTrainConfig, *, mesh: Mesh | None = None,
+                 log=print) -> dict[str, Any]:
+  """Trains on the train loop (resumable from ``out/checkpoints``, also onto another mesh),
+  exports ``out/model``.
 
-  Returns a summary dict (final loss, steps, target updates, seconds).
+  ``mesh``: the device mesh of the loop (None: one device; the experiment passes the mesh of
+  ``cfg.mesh``). Returns a summary dict (final loss, steps, target updates, seconds).
   """
   env = env_for(cfg)
   _check(cfg, env)
+  if mesh is not None:
+    check_batch_sizes(mesh, {"batch_size": cfg.batch_size})
   out = pathlib.Path(cfg.out)
   net_cfg = net_config_for(cfg, env)
   model = PuzzleNet(net_cfg, rngs=nnx.Rngs(cfg.seed))
@@ -197,19 +219,22 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, log=print) -> dict[str, Any]:
                              log_every=cfg.target_check_every, max_to_keep=3, seed=cfg.seed)
   t0 = time.time()
   result = train(
-    make_loss_fn(cfg, env, graphdef), params, optimizer=make_optimizer(opt_cfg),
+    make_loss_fn(cfg, env, graphdef, mesh=mesh), params, optimizer=make_optimizer(opt_cfg),
     train_batches=None, config=loop_cfg, out_dir=out, run_config=config_to_dict(cfg),
     lr_fn=lr_schedule(opt_cfg), extra=extra, on_step=make_target_refresh(cfg),
     steps_per_call=cfg.target_check_every, max_seconds=cfg.max_seconds,
-    ignore_config_keys=("out", "steps", "checkpoint_every", "max_seconds"), metrics_prefix="",
-    progress_desc=f"{env.name}/{cfg.head}", log=log,
+    ignore_config_keys=("out", "steps", "checkpoint_every", "max_seconds", *mesh_ignore_keys()),
+    metrics_prefix="", progress_desc=f"{env.name}/{cfg.head}", log=log, mesh=mesh,
   )
-  save_model(out / "model", nnx.merge(graphdef, result.params), config=net_cfg, overwrite=True)
+  if is_main_process():
+    save_model(out / "model", nnx.merge(graphdef, result.params), config=net_cfg,
+               overwrite=True)
   summary = {"domain": env.name, "head": cfg.head, "steps": result.step,
              "final_loss": result.last_train_loss,
              "target_updates": int(result.extra["target_updates"]), "seconds": time.time() - t0,
              "num_params": count_params(result.params)}
-  (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+  if is_main_process():
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
   log(json.dumps(summary))
   return summary
 

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from qstar_jax.data.pipeline import pack_tokens, read_gsm8k_split, read_tiny_shakespeare_splits
+from qstar_jax.distributed import RuntimeConfig
 from qstar_jax.models.config import LlamaConfig
 from qstar_jax.models.llama import Llama
 from qstar_jax.models.tokenizer import SentencePieceTokenizer, train_sentencepiece
@@ -79,6 +80,9 @@ class QuestScalingConfig:
   data_backend: str = "files"   # "files" | "tfds" | "auto"
   collect_only: bool = False    # only gather finished runs' results (train nothing)
   train: TrainSettings = TrainSettings()
+  # Where it runs (may change on resume): "" = all devices on data, else e.g. "fsdp=8".
+  mesh: str = ""
+  runtime: RuntimeConfig = RuntimeConfig()
 
 
 def corpus_texts(backend: str = "files") -> tuple[str, str]:

@@ -1,4 +1,9 @@
-"""Results of an experiment: ``results.json`` (indented, NaN-safe), ``table.md``, PNG plots."""
+"""Results of an experiment: ``results.json`` (indented, NaN-safe), ``table.md``, PNG plots.
+
+On a multi-host run only process 0 writes (`qstar_jax.distributed.is_main_process`); the other
+processes compute the same values and skip the files, so ``out`` is one folder on a disk every
+host sees (as the orbax checkpoints need anyway) and resumed stages read what process 0 wrote.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from qstar_jax.distributed import is_main_process
 
 __all__ = ["write_results", "save_plot", "markdown_table", "to_jsonable", "read_json", "write_json"]
 
@@ -41,8 +48,11 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def write_json(path: str | os.PathLike, value: Any) -> Any:
   """Writes ``to_jsonable(value)`` (indented, NaN -> null) atomically (a temporary file, then a
-  rename: a killed run never leaves half a file) and returns what `read_json` will read."""
+  rename: a killed run never leaves half a file) and returns what `read_json` will read. Only
+  process 0 writes; every process gets the value."""
   value = to_jsonable(value)
+  if not is_main_process():
+    return value
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
@@ -52,7 +62,10 @@ def write_json(path: str | os.PathLike, value: Any) -> Any:
 
 
 def write_results(out_dir: str | os.PathLike, *, results: Mapping[str, Any], table_md: str) -> None:
-  """Writes ``out_dir/results.json`` (indented; NaN -> null) and ``out_dir/table.md``."""
+  """Writes ``out_dir/results.json`` (indented; NaN -> null) and ``out_dir/table.md`` (process 0
+  only)."""
+  if not is_main_process():
+    return
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   tmp = out / "results.json.tmp"
@@ -81,15 +94,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, flo
 
 
 def save_plot(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> pathlib.Path:
-  """Saves a matplotlib figure as PNG (Agg backend) and closes it."""
+  """Saves a matplotlib figure as PNG (Agg backend; process 0 only) and closes it."""
   import matplotlib
 
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt
 
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  if is_main_process():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
   plt.close(fig)
   return path
 

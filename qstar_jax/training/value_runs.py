@@ -22,6 +22,12 @@ with other settings or other data is refused instead of silently mixed.
 
 The frozen reference model travels as the train state's ``extra`` (read under
 ``stop_gradient``, never updated).
+
+``mesh`` (every ``run_*``): the device mesh of `train` (None: one device). The policy, its
+optimizer state and the reference are placed by the sharding rules (the reference like the
+policy), each batch is split over ``data`` x ``fsdp`` (``cfg.batch_size`` must divide over them),
+and on a multi-host run each process builds only its rows of every global batch
+(`qstar_jax.distributed.data_shard`). The mesh may change when a run resumes.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
+from qstar_jax.data.pipeline import process_rows
 from qstar_jax.data.reasoning import (
   PreferencePair,
   Trajectory,
@@ -43,9 +51,11 @@ from qstar_jax.data.reasoning import (
   pair_batches,
   trajectory_batches,
 )
+from qstar_jax.distributed import data_shard
 from qstar_jax.training.arithmetic_policy import sft_loss_fn
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
 from qstar_jax.training.train_loop import TrainLoopConfig, TrainResult, train
 from qstar_jax.training.value_learning import (
   check_reference_vocabulary,
@@ -185,13 +195,22 @@ def response_pairs(trajectories: Sequence[Trajectory], *, threshold: float = 0.5
 def _run(loss_fn: Callable, params: Any, batches: Callable[[int], Iterator[Any]], *,
          cfg: ValueRunConfig, out_dir: str | os.PathLike, run_config: Mapping[str, Any],
          reference_params: Any, max_seconds: float, show_progress: bool | None,
-         desc: str) -> TrainResult:
+         desc: str, mesh: Mesh | None) -> TrainResult:
+  if mesh is not None:  # before anything compiles: the error names the config key
+    check_batch_sizes(mesh, {"ValueRunConfig.batch_size": cfg.batch_size})
+  shard = data_shard()
+  if shard is not None:  # several processes: each builds its rows of every global batch
+    global_batches = batches
+
+    def batches(start_step: int) -> Iterator[Any]:
+      return (process_rows(b, shard) for b in global_batches(start_step))
+
   total = cfg.optim.total_steps if cfg.optim.total_steps is not None else cfg.num_steps
   return train(loss_fn, params, optimizer=make_optimizer(cfg.optim, total_steps=total),
                train_batches=batches, config=cfg.loop_config(), out_dir=out_dir,
                run_config=run_config, lr_fn=lr_schedule(cfg.optim, total_steps=total),
                extra=reference_params, max_seconds=max_seconds, show_progress=show_progress,
-               progress_desc=desc)
+               progress_desc=desc, ignore_config_keys=mesh_ignore_keys(), mesh=mesh)
 
 
 def _trajectory_batches(trajectories: list[Trajectory], cfg: ValueRunConfig,
@@ -212,7 +231,7 @@ def run_preference(
   reference_params: Any, pad_id: int, beta: float, mean_tokens: bool = False,
   label_smoothing: float = 0.0, cfg: ValueRunConfig, out_dir: str | os.PathLike,
   run_config: Mapping[str, Any] | None = None, max_seconds: float = 0.0,
-  show_progress: bool | None = None,
+  show_progress: bool | None = None, mesh: Mesh | None = None,
 ) -> TrainResult:
   """DPO (response-level pairs) or step-level DPO (``mean_tokens=True`` on step pairs) of the
   policy ``params`` against the frozen ``reference_params`` (`dpo_loss_fn`).
@@ -236,14 +255,14 @@ def run_preference(
   return _run(loss_fn, params, batches, cfg=cfg, out_dir=out_dir,
               run_config=run_config or default_run_config("dpo", settings, cfg, pairs),
               reference_params=reference_params, max_seconds=max_seconds,
-              show_progress=show_progress, desc="dpo")
+              show_progress=show_progress, mesh=mesh, desc="dpo")
 
 
 def run_sft(
   graphdef: nnx.GraphDef, params: Any, trajectories: Sequence[Trajectory], *, pad_id: int,
   cfg: ValueRunConfig, out_dir: str | os.PathLike,
   run_config: Mapping[str, Any] | None = None, max_seconds: float = 0.0,
-  show_progress: bool | None = None,
+  show_progress: bool | None = None, mesh: Mesh | None = None,
 ) -> TrainResult:
   """Supervised fine-tuning on the trajectories' solution tokens: the mean next-token NLL over
   the step tokens (the prompt is context only), ``L = sum mask * nll / max(sum mask, 1)``.
@@ -265,7 +284,7 @@ def run_sft(
               run_config=run_config or default_run_config("sft", {"pad_id": pad_id}, cfg,
                                                           trajectories),
               reference_params=None, max_seconds=max_seconds, show_progress=show_progress,
-              desc="sft")
+              mesh=mesh, desc="sft")
 
 
 def run_oreo(
@@ -274,6 +293,7 @@ def run_oreo(
   kl: str = "k3", step_level: bool = False, cfg: ValueRunConfig, out_dir: str | os.PathLike,
   run_config: Mapping[str, Any] | None = None, max_seconds: float = 0.0,
   show_progress: bool | None = None, log: Callable[[str], None] = print,
+  mesh: Mesh | None = None,
 ) -> TrainResult:
   """OREO (`oreo_loss_fn`): the policy and its value model trained together on the
   trajectories' outcome rewards, KL-regularised towards the frozen ``reference_params``.
@@ -304,14 +324,14 @@ def run_oreo(
               out_dir=out_dir,
               run_config=run_config or default_run_config("oreo", settings, cfg, trajectories),
               reference_params=reference_params, max_seconds=max_seconds,
-              show_progress=show_progress, desc="oreo")
+              show_progress=show_progress, mesh=mesh, desc="oreo")
 
 
 def run_prm(
   graphdef: nnx.GraphDef, params: Any, trajectories: Sequence[Trajectory], *,
   reference_params: Any, pad_id: int, beta: float, cfg: ValueRunConfig,
   out_dir: str | os.PathLike, run_config: Mapping[str, Any] | None = None,
-  max_seconds: float = 0.0, show_progress: bool | None = None,
+  max_seconds: float = 0.0, show_progress: bool | None = None, mesh: Mesh | None = None,
 ) -> TrainResult:
   """Implicit PRM (PRIME, `implicit_prm_loss_fn`): the PRM ``params`` (initialised from the
   reference) trained by BCE of ``beta * sum_t log pi/pi_ref`` on the outcome labels (rewards
@@ -334,4 +354,4 @@ def run_prm(
               run_config=run_config or default_run_config(
                 "prm", {"beta": beta, "pad_id": pad_id}, cfg, trajectories),
               reference_params=reference_params, max_seconds=max_seconds,
-              show_progress=show_progress, desc="prm")
+              show_progress=show_progress, mesh=mesh, desc="prm")

@@ -57,7 +57,7 @@ from qstar_jax.training.metrics import read_metrics
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
 from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
-from qstar_jax.training.run_setup import mesh_ignore_keys, setup_run
+from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys, setup_run
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent / "presets" / "lm_pretrain"
@@ -191,6 +191,8 @@ def batch_sizes(cfg: LMPretrainConfig) -> dict[str, int]:
 def run(cfg: LMPretrainConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
   """The whole experiment into ``cfg.out``; ``mesh``: the train loop's device mesh (None: one
   device; ``main`` passes the mesh of ``cfg.mesh``)."""
+  if mesh is not None:  # before any data: the error names the config key
+    check_batch_sizes(mesh, batch_sizes(cfg))
   t_start = time.perf_counter()
   timer = PhaseTimer()
   out = pathlib.Path(cfg.out)

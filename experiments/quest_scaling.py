@@ -63,7 +63,7 @@ from qstar_jax.training.results import (
   write_json,
   write_results,
 )
-from qstar_jax.training.run_setup import mesh_ignore_keys, setup_run
+from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys, setup_run
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "quest_scaling"
@@ -270,6 +270,8 @@ def batch_sizes(cfg: QuestScalingConfig) -> dict[str, int]:
 def run_experiment(cfg: QuestScalingConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
   """The table of ``cfg`` into ``cfg.out``; ``mesh``: the runs' device mesh (None: one device;
   ``main`` passes the mesh of ``cfg.mesh``)."""
+  if mesh is not None:  # before any data: the error names the config key
+    check_batch_sizes(mesh, batch_sizes(cfg))
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   unknown = [r for r in cfg.runs if r not in RUN_KINDS]

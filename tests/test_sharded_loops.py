@@ -117,7 +117,7 @@ def _puzzle_cfg(out, **kw):
   return PuzzleTrainConfig(**base)
 
 
-def test_puzzle_dqn_fsdp8_matches_one_device_and_resumes_on_another_mesh(tmp_path):
+def test_puzzle_dqn_fsdp8_matches_one_device_and_resumes_on_another_mesh(tmp_path, capsys):
   quiet = lambda *_: None  # noqa: E731
   ref = train_puzzle(_puzzle_cfg(tmp_path / "ref"), log=quiet)
   # The target network (the loop's extra) is refreshed twice: sharded like the params.
@@ -127,17 +127,32 @@ def test_puzzle_dqn_fsdp8_matches_one_device_and_resumes_on_another_mesh(tmp_pat
   np.testing.assert_allclose(sharded["final_loss"], ref["final_loss"], rtol=RTOL, atol=ATOL)
   ref_params = nnx.state(load_puzzle_net(tmp_path / "ref" / "model"))
   _assert_trees_close(nnx.state(load_puzzle_net(tmp_path / "fsdp" / "model")), ref_params)
-  # Resumed with another mesh key and on another mesh: no config mismatch, 2 more steps.
-  logs = []
-  train_puzzle(_puzzle_cfg(tmp_path / "fsdp", mesh="data=8", steps=6), mesh=make_mesh("data=8"),
-               log=logs.append)
-  assert any("resumed from step 4" in str(m) for m in logs)
+  # Resumed through the experiment's command line with another mesh: no config mismatch.
+  from experiments.train_puzzle import main
+
+  summary = main(["domain=puzzle8", "head=q", "net.hidden_1=64", "net.hidden_2=32",
+                  "net.num_blocks=1", "batch_size=64", "max_scramble_depth=4", "steps=6",
+                  "learning_rate=3e-3", "lr_decay_rate=0.5", "target_check_every=2",
+                  "target_update_every=2", "checkpoint_every=4", f"out={tmp_path / 'fsdp'}",
+                  "mesh=data=8"])
+  assert summary["steps"] == 6 and "resumed from step 4" in capsys.readouterr().out
 
 
-def test_puzzle_batch_that_does_not_divide_names_the_key_and_the_mesh(tmp_path):
+def test_batch_that_does_not_divide_names_the_key_and_the_mesh_before_any_work(tmp_path):
+  from experiments import lm_pretrain, quest_scaling
+  from qstar_jax.training.quest_runs import QuestScalingConfig, TrainSettings
+
+  mesh = make_mesh("fsdp=8")
   with pytest.raises(MeshShapeError, match=r"batch_size=60 .* data x fsdp = 8"):
-    train_puzzle(_puzzle_cfg(tmp_path, batch_size=60), mesh=make_mesh("fsdp=8"))
-  assert not (tmp_path / "checkpoints").exists()
+    train_puzzle(_puzzle_cfg(tmp_path / "p", batch_size=60), mesh=mesh)
+  cfg = parse_config(lm_pretrain.LMPretrainConfig, [f"out={tmp_path / 'lm'}",
+                                                    "data.eval_batch_size=12"])
+  with pytest.raises(MeshShapeError, match=r"data.eval_batch_size=12 .*data=1,fsdp=8,tensor=1"):
+    lm_pretrain.run(cfg, mesh=mesh)
+  with pytest.raises(MeshShapeError, match=r"train.batch_size=4 .* multiple of 8"):
+    quest_scaling.run_experiment(QuestScalingConfig(out=str(tmp_path / "qs"),
+                                                    train=TrainSettings(batch_size=4)), mesh=mesh)
+  assert list(tmp_path.iterdir()) == []
 
 
 # -------------------------------------------------------------------------- value learning

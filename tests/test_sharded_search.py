@@ -221,3 +221,12 @@ def test_beam_search_data_tensor_mesh(lm, beam_ref):
   got = _beam(lm, mesh=make_mesh("data=4,tensor=2"))
   assert got.chosen.sharding.spec == PROBLEMS
   assert_same(beam_ref, got, float_tol=LM_TOL)
+
+
+@pytest.mark.slow  # tensor parallel: problems split over data only, repeated along tensor
+def test_qstar_data_tensor_mesh(puzzle_refs):
+  starts, refs = puzzle_refs
+  got = qstar_search(Q_PARAMS, starts, q_fn=q_fn, mesh=make_mesh("data=4,tensor=2"),
+                     **PUZZLE_KW)
+  assert got.found.sharding.spec == PROBLEMS
+  assert_same(refs["qstar"], got)

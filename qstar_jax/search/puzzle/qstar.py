@@ -170,7 +170,8 @@ def qstar_search(params: Any, start_states, *, env: PuzzleEnv, q_fn: QFn, weight
   ``mesh``: None runs on the default device (unchanged). With a mesh, the B problems (start
   states, node stores, closed sets, open lists, edge stores and results: every carry leaf is
   per problem) are split over its ``data`` x ``fsdp`` axes, so each device searches B / (data
-  * fsdp) problems and evaluates the Q network on their children only; the parameters are
+  * fsdp) problems (devices along ``tensor`` repeat their group's) and evaluates the Q network
+  on their children only, with no collective inside the loop; the parameters are
   placed by ``sharding_rules`` (``param_shardings``; ``DEFAULT_RULES`` holds the puzzle net's:
   hidden dimensions over ``fsdp`` / ``tensor``), see ``loop.run_sharded``. B must divide over
   ``data * fsdp`` (``MeshShapeError`` otherwise, before tracing).

@@ -99,10 +99,11 @@ def run_sharded(jitted: Any, params: Any, rng_key: jax.Array, prompt_tokens: jax
   Raises ``MeshShapeError`` (before tracing) when B does not divide over ``data`` x ``fsdp``
   (naming B and the mesh) or a parameter dimension does not divide over its axes.
   """
-  prompts = batch_shardings((prompt_tokens, prompt_lengths), mesh, what="prompt batch")
+  prompts = batch_shardings({"prompt_tokens": prompt_tokens, "prompt_lengths": prompt_lengths},
+                            mesh, what="prompt batch")
   rep = replicated(mesh)
-  in_shardings = (param_shardings(params, mesh, rules), rep, *prompts,
-                  *(rep for _ in rest))
+  in_shardings = (param_shardings(params, mesh, rules), rep, prompts["prompt_tokens"],
+                  prompts["prompt_lengths"], *(rep for _ in rest))
   fun = jitted.__wrapped__
   leaves, treedef = jax.tree.flatten((in_shardings, out_shardings))
   key = (fun, tuple(sorted(static.items())), treedef, tuple(leaves))

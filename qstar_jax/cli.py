@@ -1,4 +1,4 @@
-"""Command line: `qstar-jax generate ...` and `qstar-jax bench decode ...` (also `python -m qstar_jax`).
+"""Command line: `qstar-jax generate ...`, `qstar-jax bench ...`, `qstar-jax compile ...` (also `python -m qstar_jax`).
 
   qstar-jax generate --model SPEC --prompt TEXT [--chat] [--max-new-tokens N]
                      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
@@ -6,6 +6,16 @@
   qstar-jax bench search --method mcts|beam|best_of_n|particle --model SPEC --batch B
                          --candidates K --simulations S --prompt-len P [--step-tokens T]
                          [--repeats R] [--json]
+  qstar-jax bench mesh [--model PRESET] [--batch B] [--seq-len T] [--devices N] [--repeats R]
+                       [--no-search] [--json] [--out FILE]
+  qstar-jax compile --target cpu:N|tpu:v5e-8|gpu:h100x8 [--what lm_pretrain|qstar_search]
+                    [--mesh fsdp=-1] [--model PRESET] [--batch B] [--seq-len T]
+                    [--compilation-cache DIR] [--json]
+
+`compile` lowers and compiles a training step or a search for the target without running it and
+prints its memory per device (`qstar_jax.training.compile_report`); `bench mesh` times the
+lm_pretrain step and the puzzle Q* search on 1 device vs a mesh of N
+(`qstar_jax.benchmarks.scaling`).
 
 SPEC is what `qstar_jax.models.load_model_spec` accepts: a Hugging Face directory, a .gguf file,
 a registered name such as "smollm2", or `preset:NAME` for a randomly initialised model of a
@@ -16,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -24,10 +36,13 @@ import jax
 from flax import nnx
 
 from qstar_jax.benchmarks.decode import bench_decode
+from qstar_jax.benchmarks.scaling import MeshBenchConfig, bench_mesh
 from qstar_jax.benchmarks.search import SEARCH_METHODS, SearchBenchConfig, bench_search
+from qstar_jax.distributed import resolve_axis_sizes
 from qstar_jax.models.decoding import SamplingConfig, decode
 from qstar_jax.models.errors import PromptError, QstarError
 from qstar_jax.models.loading import PRESET_PREFIX, load_model_spec
+from qstar_jax.training import compile_report as cr
 
 __all__ = ["main", "generate_text"]
 
@@ -115,7 +130,88 @@ def _parser() -> argparse.ArgumentParser:
   srch.add_argument("--seed", type=int, default=0)
   srch.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   srch.add_argument("--json", action="store_true")
+  mesh = bench_sub.add_parser("mesh", help="lm_pretrain step and puzzle Q* search on 1 device vs "
+                              "a mesh of N (qstar_jax.benchmarks.scaling)")
+  mesh.add_argument("--model", default="tiny", help="model preset (qstar_jax.models.config)")
+  mesh.add_argument("--batch", type=int, default=16, help="windows per step (a multiple of N)")
+  mesh.add_argument("--seq-len", type=int, default=64)
+  mesh.add_argument("--devices", type=int, default=8, help="N: devices of the sharded meshes")
+  mesh.add_argument("--repeats", type=int, default=5)
+  mesh.add_argument("--search-env", default="puzzle8")
+  mesh.add_argument("--search-batch", type=int, default=16, help="problems (a multiple of N)")
+  mesh.add_argument("--search-iterations", type=int, default=100)
+  mesh.add_argument("--no-search", action="store_true", help="only the lm_pretrain step")
+  mesh.add_argument("--seed", type=int, default=0)
+  mesh.add_argument("--json", action="store_true")
+  mesh.add_argument("--out", default=None, help="also write the JSON report to this file")
+  comp = sub.add_parser("compile", help="lower and compile a training step or a search for a "
+                        "target (cpu:N, tpu:v5e-8, gpu:h100x8) and report its memory, without "
+                        "running it")
+  comp.add_argument("--target", required=True, help="cpu:N (N simulated host devices), "
+                    "tpu:GEN-N (v4, v5e, v5p, v6e; needs libtpu) or gpu:NAMExN (needs CUDA)")
+  comp.add_argument("--what", default="lm_pretrain", choices=cr.COMPILE_WHATS)
+  comp.add_argument("--mesh", default="fsdp=-1", help="axis sizes, e.g. fsdp=-1 (default), "
+                    "data=-1, data=2,tensor=4")
+  comp.add_argument("--model", default="tiny", help="lm_pretrain: model preset "
+                    "(tiny, llama-10m, smollm2-135m, llama-1b, ...)")
+  comp.add_argument("--batch", type=int, default=None, help="windows per step (lm_pretrain) or "
+                    "problems (qstar_search); default: the smallest multiple of data x fsdp "
+                    ">= 32")
+  comp.add_argument("--seq-len", type=int, default=128)
+  comp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype (parameters stay float32)")
+  comp.add_argument("--env", default="cube3", help="qstar_search: puzzle (cube3, puzzle15, ...)")
+  comp.add_argument("--compilation-cache", default="", metavar="DIR",
+                    help="persistent compilation cache folder (RuntimeConfig.compilation_cache)")
+  comp.add_argument("--json", action="store_true", help="print one JSON object")
   return parser
+
+
+def _compile_command(args: argparse.Namespace, argv: list[str]) -> int:
+  """`qstar-jax compile`: for cpu:N, re-runs itself with N host devices (XLA_FLAGS must be set
+  before jax starts); otherwise compiles here and prints the report."""
+  target = cr.parse_target(args.target)
+  if target.platform == "cpu" and os.environ.get(cr.CHILD_ENV) != "1":
+    config = cr.mesh_config(args.mesh)
+    try:
+      resolve_axis_sizes(config, target.num_devices)
+    except ValueError as err:
+      raise type(err)(f"--mesh {args.mesh} does not fit target {target.spec} "
+                      f"({target.num_devices} devices): {err}") from None
+    proc = subprocess.run([sys.executable, "-m", "qstar_jax", *argv],
+                          env=cr.cpu_target_env(target.num_devices), check=False)
+    return proc.returncode
+  report = cr.compile_report(args.what, target, args.mesh, model=args.model, batch=args.batch,
+                             seq_len=args.seq_len, dtype=args.dtype, env=args.env,
+                             compilation_cache=args.compilation_cache)
+  print(json.dumps(report) if args.json else cr.format_report(report))
+  return 0
+
+
+def _bench_mesh_command(args: argparse.Namespace) -> int:
+  config = MeshBenchConfig(model=args.model, batch=args.batch, seq_len=args.seq_len,
+                           num_devices=args.devices, repeats=args.repeats,
+                           search=not args.no_search, search_env=args.search_env,
+                           search_batch=args.search_batch,
+                           search_iterations=args.search_iterations, seed=args.seed)
+  out = bench_mesh(config, lm_step=cr.lm_pretrain_step, log=lambda line: print(f"[bench mesh] {line}", file=sys.stderr))
+  text = json.dumps(out, indent=1)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  if args.json:
+    print(text)
+  else:
+    for part in ("lm_pretrain", "qstar_search"):
+      if part in out:
+        ratios = ", ".join(f"{k}: {v:.3g}" for k, v in out[part]["ratios"].items())
+        base = out[part]["runs"]["1"]["median_s"]
+        unit = "step" if part == "lm_pretrain" else "search"
+        print(f"{part:>14}: 1 device {base * 1e3:.2f} ms/{unit}; t_{config.num_devices} / t_1 "
+              f"{ratios}")
+    print(out["note"])
+  return 0
 
 
 def _search_config(args: argparse.Namespace) -> SearchBenchConfig:
@@ -131,13 +227,19 @@ def _search_config(args: argparse.Namespace) -> SearchBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
   try:
     for name in ("max_new_tokens", "batch", "prompt_len", "new_tokens", "repeats",
-                 "candidates", "simulations", "step_tokens", "max_depth"):
+                 "candidates", "simulations", "step_tokens", "max_depth", "seq_len", "devices",
+                 "search_batch", "search_iterations"):
       value = getattr(args, name, None)
       if value is not None and value < 1:
         raise ValueError(f"--{name.replace('_', '-')}={value}: expected >= 1")
+    if args.command == "compile":
+      return _compile_command(args, argv)
+    if getattr(args, "bench_command", None) == "mesh":
+      return _bench_mesh_command(args)
     if getattr(args, "bench_command", None) == "search":
       search_config = _search_config(args)
       search_config.check()

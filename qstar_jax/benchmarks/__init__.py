@@ -6,6 +6,12 @@ from qstar_jax.benchmarks.decode import (
   gemm_floor_step_s,
   host_copy_bandwidth,
 )
+from qstar_jax.benchmarks.scaling import (
+  MeshBenchConfig,
+  bench_lm_step,
+  bench_mesh,
+  bench_qstar_search,
+)
 from qstar_jax.benchmarks.search import (
   SEARCH_METHODS,
   SearchBenchConfig,
@@ -14,6 +20,7 @@ from qstar_jax.benchmarks.search import (
   python_tree_mcts,
 )
 
-__all__ = ["SEARCH_METHODS", "SearchBenchConfig", "bench_decode", "bench_search",
+__all__ = ["SEARCH_METHODS", "MeshBenchConfig", "SearchBenchConfig", "bench_decode",
+           "bench_lm_step", "bench_mesh", "bench_qstar_search", "bench_search",
            "device_copy_bandwidth", "gemm_floor_step_s", "host_copy_bandwidth",
            "no_prefix_reuse_expand", "python_tree_mcts"]

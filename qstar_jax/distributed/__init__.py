@@ -36,11 +36,13 @@ from qstar_jax.distributed.sharding import (
   param_shardings,
   param_specs,
   put_batch,
+  put_global,
   put_replicated,
   replicated,
   shard_params,
   spec_for,
   spec_of,
+  to_host,
 )
 
 __all__ = [
@@ -50,6 +52,6 @@ __all__ = [
   "is_main_process", "multi_host_requested", "setup_runtime",
   "DEFAULT_RULES", "HEAD_RULES", "LLAMA_RULES", "PUZZLE_RULES", "Rules", "batch_shardings",
   "batch_size_multiple", "batch_spec", "leaf_path", "opt_state_shardings", "param_shardings",
-  "param_specs", "put_batch", "put_replicated", "replicated", "shard_params", "spec_for",
-  "spec_of",
+  "param_specs", "put_batch", "put_global", "put_replicated", "replicated", "shard_params", "spec_for",
+  "spec_of", "to_host",
 ]

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 from jax.sharding import PartitionSpec as P
 
 from qstar_jax.distributed.mesh import BATCH_AXES, MeshShapeError
@@ -59,6 +59,8 @@ __all__ = [
   "shard_params",
   "put_batch",
   "put_replicated",
+  "put_global",
+  "to_host",
   "spec_of",
 ]
 
@@ -236,3 +238,33 @@ def spec_of(x: jax.Array) -> P:
   """The ``PartitionSpec`` of an array placed with a ``NamedSharding`` (P() otherwise)."""
   sharding = getattr(x, "sharding", None)
   return sharding.spec if isinstance(sharding, NamedSharding) else P()
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Every leaf of ``tree`` (the whole batch, the same on every process) placed with its
+  sharding (``shardings``: the same tree, or a prefix of it): each device receives only its own slice (``make_array_from_callback``, which is
+  correct on several hosts too, unlike ``put_batch``, which takes each process's own rows)."""
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) or jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  # ``shardings`` may be a prefix of ``tree`` (one sharding for a whole subtree).
+  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub),
+                      shardings, tree, is_leaf=lambda x: isinstance(x, Sharding))
+
+
+def to_host(tree: Any) -> Any:
+  """``jax.device_get`` that also works on a multi-host run: a global array split over
+  several processes is first gathered (``process_allgather``; every process gets the whole
+  value), a fully addressable one is fetched as it is."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-host only)
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return x
+
+  return jax.device_get(jax.tree.map(one, tree))

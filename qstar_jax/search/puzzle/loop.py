@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, Sharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from qstar_jax.distributed import (
@@ -24,6 +24,7 @@ from qstar_jax.distributed import (
   batch_shardings,
   batch_spec,
   param_shardings,
+  put_global,
   replicated,
 )
 from qstar_jax.envs.puzzle import PuzzleEnv
@@ -168,22 +169,6 @@ def sharded_jit(fun: Callable, static: dict[str, Any], mesh: Mesh, in_shardings:
     _SHARDED_JITS[key] = jax.jit(mapped, in_shardings=in_shardings,
                                  out_shardings=out_shardings)
   return _SHARDED_JITS[key]
-
-
-def put_global(tree: Any, shardings: Any) -> Any:
-  """Every leaf of ``tree`` (the whole batch, the same on every process) placed with its
-  sharding (``shardings``: the same tree, or a prefix of it): each device receives only its own slice (``make_array_from_callback``, which is
-  correct on several hosts too, unlike ``put_batch``, which takes each process's own rows)."""
-
-  def one(x, sharding):
-    if isinstance(x, jax.Array) or jax.process_count() == 1:
-      return jax.device_put(x, sharding)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-  # ``shardings`` may be a prefix of ``tree`` (one sharding for a whole subtree).
-  return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda x: one(x, sharding), sub),
-                      shardings, tree, is_leaf=lambda x: isinstance(x, Sharding))
 
 
 def run_sharded(fun: Callable, params: Any, start_states: np.ndarray, weight: jax.Array,

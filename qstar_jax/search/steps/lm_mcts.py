@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from qstar_jax.distributed import DEFAULT_RULES, Rules, replicated
+from qstar_jax.distributed import DEFAULT_RULES, Rules, replicated, to_host
 from qstar_jax.models.decoding import SamplingConfig, model_config_of
 from qstar_jax.search.steps import sharded
 from qstar_jax.search.steps.mcts import MCTS_POLICIES, mcts
@@ -424,7 +424,7 @@ def mcts_annotations(result: MctsStepResult, *, tokenizer: Any = None,
     "trajectory" (the steps: node, ids, text), "ids" / "text" of the whole solution, "depths"
     (the siblings records).
   """
-  host = jax.device_get(result)
+  host = to_host(result)
   tree: StepTree = host.tree
   batch = np.asarray(host.chosen).shape[0]
   if problems is not None and len(problems) != batch:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import struct
 
+from qstar_jax.distributed import to_host
 from qstar_jax.search.steps.step_tree import StepTree, node_step_ids, node_token_ids
 
 __all__ = ["StepSearchResult", "Solution", "format_tree", "read_solutions", "vote"]
@@ -77,7 +78,7 @@ def read_solutions(result: StepSearchResult, *, tokenizer: Any = None,
     extract_answer: text -> the stated answer or None (e.g. `envs.grading.extract_answer`
       style); None: answers are None.
   """
-  host = jax.device_get(result)
+  host = to_host(result)
   tree: StepTree = host.tree
 
   def solution(node: int, score: float) -> Solution:
@@ -123,7 +124,7 @@ def format_tree(tree: StepTree, problem: int, *, tokenizer: Any, chosen: int | N
   """Problem `problem`'s search tree as indented text: one line per node with its step, value
   and flags (`*` marks the path to `chosen`, `[end]` a terminal step, `[overflow]` a failed one).
   """
-  host = jax.device_get(tree)
+  host = to_host(tree)
   cache = host.cache
   live = np.asarray(cache.node_live)
   parent = np.asarray(cache.node_parent)

@@ -42,11 +42,11 @@ from qstar_jax.distributed import (
   batch_shardings,
   batch_spec,
   param_shardings,
+  put_global,
   replicated,
 )
 from qstar_jax.models.kv_cache import KVCache
 from qstar_jax.models.tree_cache import TreeKVCache
-from qstar_jax.search.puzzle.loop import put_global
 from qstar_jax.search.steps.step_tree import StepTree
 
 __all__ = ["by_problem", "result_shardings", "run_sharded", "step_tree_shardings"]

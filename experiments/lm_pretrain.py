@@ -57,7 +57,12 @@ from qstar_jax.training.metrics import read_metrics
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
 from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
-from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys, setup_run
+from qstar_jax.training.run_setup import (
+  check_batch_sizes,
+  made_once,
+  mesh_ignore_keys,
+  setup_run,
+)
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 PRESETS_DIR = pathlib.Path(__file__).resolve().parent / "presets" / "lm_pretrain"
@@ -120,14 +125,16 @@ def load_splits(cfg: DataConfig) -> tuple[str, str]:
 
 
 def get_tokenizer(out: pathlib.Path, train_text: str, cfg: LMPretrainConfig):
-  """Trains the SentencePiece model once per run folder (reused when resuming)."""
+  """Trains the SentencePiece model once per run folder (reused when resuming; on several
+  processes process 0 trains it, the others load it)."""
   path = out / "tokenizer.model"
-  if path.is_file():
-    tok = SentencePieceTokenizer(path)
-  else:
+
+  def make():
     corpus = train_text[: cfg.data.tokenizer_train_chars] if cfg.data.tokenizer_train_chars else train_text
-    tok = train_sentencepiece(corpus, vocab_size=cfg.model.vocab_size,
-                              model_prefix=out / "tokenizer")
+    return train_sentencepiece(corpus, vocab_size=cfg.model.vocab_size,
+                               model_prefix=out / "tokenizer")
+
+  tok = made_once(path, make, lambda: SentencePieceTokenizer(path))
   if tok.vocab_size != cfg.model.vocab_size:
     raise ValueError(
       f"tokenizer {path} has {tok.vocab_size} pieces, config model.vocab_size={cfg.model.vocab_size}"

@@ -282,13 +282,11 @@ import jax
 jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
                            process_id=pid)
 import numpy as np
-from jax.experimental import multihost_utils
 from qstar_jax.distributed import make_mesh
 from qstar_jax.training.results import write_json
 import test_sharded_loops as t
-result = t.sft_run(out + "/run", make_mesh("fsdp=8"))
-params = multihost_utils.process_allgather(result.params, tiled=True)
-np.save(f"{out}/params{pid}.npy", t.flat(params))
+result = t.sft_run(out + "/run", make_mesh("fsdp=8"))  # params gathered whole on each process
+np.save(f"{out}/params{pid}.npy", t.flat(result.params))
 write_json(out + "/result.json", {"loss": result.last_train_loss, "written_by": pid})
 '''
 

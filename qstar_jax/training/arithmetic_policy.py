@@ -75,7 +75,12 @@ from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.lm import window_token_nll
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer, progress
-from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
+from qstar_jax.training.run_setup import (
+  check_batch_sizes,
+  host_local,
+  made_once,
+  mesh_ignore_keys,
+)
 from qstar_jax.training.train_loop import TrainLoopConfig, train
 
 __all__ = [
@@ -415,15 +420,17 @@ def _value_metrics(pred: np.ndarray, target: np.ndarray, final: np.ndarray,
 
 def _tokenizer(out: pathlib.Path, cfg: ArithmeticPolicyConfig,
                problems: Sequence[ArithmeticProblem]) -> SentencePieceTokenizer:
-  """Trained once per run folder (reused when resuming); checks the step invariants."""
+  """Trained once per run folder (reused when resuming; on several processes by process 0, the
+  others load it); checks the step invariants."""
   path = out / "tokenizer.model"
-  if path.is_file():
-    tok = SentencePieceTokenizer(path)
-  else:
+
+  def make():
     texts = [policy_prompt(p.question) + p.solution
              for p in problems[:cfg.data.tokenizer_problems]]
-    tok = train_arithmetic_tokenizer(texts, vocab_size=cfg.data.vocab_size,
-                                     model_prefix=out / "tokenizer")
+    return train_arithmetic_tokenizer(texts, vocab_size=cfg.data.vocab_size,
+                                      model_prefix=out / "tokenizer")
+
+  tok = made_once(path, make, lambda: SentencePieceTokenizer(path))
   newline = tok.encode(NEWLINE)
   if len(newline) != 1 or (tok.bos_id, tok.eos_ids, tok.pad_id) != (BOS_ID, (EOS_ID,), PAD_ID):
     raise ValueError(f"tokenizer {path}: newline encodes as {newline}, specials "
@@ -517,7 +524,7 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
     else None, lr_fn=lr_schedule(cfg.optim, total_steps=num_steps),
     show_progress=show_progress, ignore_config_keys=("out", "install", *mesh_ignore_keys()),
     mesh=mesh)
-  params = result.params
+  params = host_local(result.params)  # several processes: whole on each for what follows
 
   with timer.phase("greedy"):
     accuracy, rewards = greedy_accuracy(

@@ -53,7 +53,7 @@ from qstar_jax.models.puzzle_net import PuzzleNet, PuzzleNetConfig
 from qstar_jax.training.checkpoint import load_model, save_model
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
-from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
+from qstar_jax.training.run_setup import check_batch_sizes, host_local, mesh_ignore_keys
 from qstar_jax.training.train_loop import TrainLoopConfig, TrainState, train
 
 
@@ -226,13 +226,13 @@ def train_puzzle(cfg: PuzzleTrainConfig, *, mesh: Mesh | None = None,
     ignore_config_keys=("out", "steps", "checkpoint_every", "max_seconds", *mesh_ignore_keys()),
     metrics_prefix="", progress_desc=f"{env.name}/{cfg.head}", log=log, mesh=mesh,
   )
+  params = host_local(result.params)  # several processes: whole on each (saved by process 0)
   if is_main_process():
-    save_model(out / "model", nnx.merge(graphdef, result.params), config=net_cfg,
-               overwrite=True)
+    save_model(out / "model", nnx.merge(graphdef, params), config=net_cfg, overwrite=True)
   summary = {"domain": env.name, "head": cfg.head, "steps": result.step,
              "final_loss": result.last_train_loss,
              "target_updates": int(result.extra["target_updates"]), "seconds": time.time() - t0,
-             "num_params": count_params(result.params)}
+             "num_params": count_params(params)}
   if is_main_process():
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
   log(json.dumps(summary))

@@ -23,6 +23,7 @@ from qstar_jax.training.checkpoint import CheckpointManager, abstract_like
 from qstar_jax.training.config import config_from_dict
 from qstar_jax.training.lm import window_mean_nll
 from qstar_jax.training.optim import OptimizerConfig, make_optimizer
+from qstar_jax.training.run_setup import made_once
 
 __all__ = [
   "RUN_KINDS",
@@ -102,23 +103,30 @@ def prepare_data(cfg: QuestScalingConfig, out: pathlib.Path
 
   Trains the SentencePiece tokenizer on the training text once (out/tokenizer/spm{V}.model) and
   caches both splits' token ids (out/tokenizer/tokens{V}.npz); the validation windows are
-  `cfg.val_sequences` evenly spaced ones of all of them.
+  `cfg.val_sequences` evenly spaced ones of all of them. On several processes process 0 makes
+  both files and the others load them.
   """
   train_text, val_text = corpus_texts(cfg.data_backend)
   prefix = out / "tokenizer" / f"spm{cfg.vocab_size}"
   model_file = prefix.with_suffix(".model")
-  if model_file.is_file():
-    tok = SentencePieceTokenizer(model_file)
-  else:
-    tok = train_sentencepiece(train_text, vocab_size=cfg.vocab_size, model_prefix=prefix)
+  tok = made_once(
+    model_file, lambda: train_sentencepiece(train_text, vocab_size=cfg.vocab_size,
+                                            model_prefix=prefix),
+    lambda: SentencePieceTokenizer(model_file))
   cache = out / "tokenizer" / f"tokens{cfg.vocab_size}.npz"
-  if cache.is_file():
+
+  def encode():
+    ids = {"train": np.asarray(tok.encode(train_text), np.int32),
+           "val": np.asarray(tok.encode(val_text), np.int32)}
+    np.savez(cache, **ids)
+    return ids
+
+  def load():
     data = np.load(cache)
-    train_ids, val_ids = data["train"], data["val"]
-  else:
-    train_ids = np.asarray(tok.encode(train_text), np.int32)
-    val_ids = np.asarray(tok.encode(val_text), np.int32)
-    np.savez(cache, train=train_ids, val=val_ids)
+    return {"train": data["train"], "val": data["val"]}
+
+  ids = made_once(cache, encode, load)
+  train_ids, val_ids = ids["train"], ids["val"]
   t = cfg.train.seq_len
   train_windows = pack_tokens(train_ids, t)
   val_all = pack_tokens(val_ids, t)

@@ -19,7 +19,10 @@ rest idle, so that a small test preset still runs on a machine with many devices
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 from jax.experimental import multihost_utils
@@ -29,12 +32,15 @@ from qstar_jax.distributed import (
   MeshShapeError,
   RuntimeConfig,
   batch_size_multiple,
+  is_main_process,
   make_mesh,
   setup_runtime,
 )
 
 __all__ = ["MESH_CONFIG_KEYS", "mesh_ignore_keys", "check_batch_sizes", "run_mesh", "setup_run",
-           "sync_processes"]
+           "sync_processes", "made_once", "host_local"]
+
+T = TypeVar("T")
 
 # Config keys that say where a run computes, not what: allowed to differ on resume.
 MESH_CONFIG_KEYS = ("mesh", "runtime")
@@ -111,3 +117,26 @@ def sync_processes(name: str) -> None:
   has written a stage file the others read next). One process: returns at once."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
+
+
+def made_once(path: str | os.PathLike, make: Callable[[], T], load: Callable[[], T]) -> T:
+  """A file every process needs, made once: ``load()`` when ``path`` exists, else ``make()`` (which
+  writes ``path``) on process 0 while the others wait, then ``load()`` on them. One process:
+  ``load()`` or ``make()``, as a plain cache would. All processes must call it (it synchronizes)."""
+  exists = pathlib.Path(path).exists()
+  sync_processes(f"made_once looked {path}")  # nobody writes before everyone has looked
+  if exists:
+    return load()
+  value = make() if is_main_process() else None
+  sync_processes(f"made_once made {path}")
+  return value if is_main_process() else load()
+
+
+def host_local(tree: Any) -> Any:
+  """Several processes: the global arrays of ``tree`` (a trained model's parameters) gathered
+  whole into every process's memory, so that what follows a training run (evaluation, saving
+  on process 0) runs as on one host. One process: ``tree`` unchanged. A collective: all
+  processes call it."""
+  if jax.process_count() == 1:
+    return tree
+  return multihost_utils.process_allgather(tree, tiled=True)

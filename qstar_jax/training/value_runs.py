@@ -39,6 +39,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
@@ -55,7 +56,7 @@ from qstar_jax.distributed import data_shard
 from qstar_jax.training.arithmetic_policy import sft_loss_fn
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
-from qstar_jax.training.run_setup import check_batch_sizes, mesh_ignore_keys
+from qstar_jax.training.run_setup import check_batch_sizes, host_local, mesh_ignore_keys
 from qstar_jax.training.train_loop import TrainLoopConfig, TrainResult, train
 from qstar_jax.training.value_learning import (
   check_reference_vocabulary,
@@ -206,11 +207,15 @@ def _run(loss_fn: Callable, params: Any, batches: Callable[[int], Iterator[Any]]
       return (process_rows(b, shard) for b in global_batches(start_step))
 
   total = cfg.optim.total_steps if cfg.optim.total_steps is not None else cfg.num_steps
-  return train(loss_fn, params, optimizer=make_optimizer(cfg.optim, total_steps=total),
-               train_batches=batches, config=cfg.loop_config(), out_dir=out_dir,
-               run_config=run_config, lr_fn=lr_schedule(cfg.optim, total_steps=total),
-               extra=reference_params, max_seconds=max_seconds, show_progress=show_progress,
-               progress_desc=desc, ignore_config_keys=mesh_ignore_keys(), mesh=mesh)
+  result = train(loss_fn, params, optimizer=make_optimizer(cfg.optim, total_steps=total),
+                 train_batches=batches, config=cfg.loop_config(), out_dir=out_dir,
+                 run_config=run_config, lr_fn=lr_schedule(cfg.optim, total_steps=total),
+                 extra=reference_params, max_seconds=max_seconds, show_progress=show_progress,
+                 progress_desc=desc, ignore_config_keys=mesh_ignore_keys(), mesh=mesh)
+  if jax.process_count() == 1:
+    return result
+  # Several processes: the trained params whole on each (evaluation, saving on process 0).
+  return dataclasses.replace(result, params=host_local(result.params))
 
 
 def _trajectory_batches(trajectories: list[Trajectory], cfg: ValueRunConfig,

@@ -35,6 +35,7 @@ from qstar_jax.distributed import (
   is_main_process,
   make_mesh,
   setup_runtime,
+  to_host,
 )
 
 __all__ = ["MESH_CONFIG_KEYS", "mesh_ignore_keys", "check_batch_sizes", "run_mesh", "setup_run",
@@ -138,5 +139,5 @@ def host_local(tree: Any) -> Any:
   on process 0) runs as on one host. One process: ``tree`` unchanged. A collective: all
   processes call it."""
   if jax.process_count() == 1:
-    return tree
-  return multihost_utils.process_allgather(tree, tiled=True)
+    return tree  # stays on its devices (to_host would fetch it to numpy)
+  return to_host(tree)

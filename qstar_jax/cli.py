@@ -185,7 +185,7 @@ def _compile_command(args: argparse.Namespace, argv: list[str]) -> int:
                              seq_len=args.seq_len, dtype=args.dtype, env=args.env,
                              compilation_cache=args.compilation_cache)
   print(json.dumps(report) if args.json else cr.format_report(report))
-  return 0
+  return 0 if report["fits"] else 3
 
 
 def _bench_mesh_command(args: argparse.Namespace) -> int:

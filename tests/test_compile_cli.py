@@ -14,8 +14,10 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from qstar_jax.training import compile_report as cr
 from qstar_jax.training.compile_report import (
   cache_entries,
   cpu_target_env,
@@ -109,3 +111,43 @@ def test_a_tpu_target_without_libtpu_says_which_runtime_it_needs():
   assert "target tpu:v5e-8 needs the TPU runtime" in out.stderr
   assert "pip install 'jax[tpu]'" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_compile_the_puzzle_search_for_a_mesh():
+  """--what qstar_search: the problems split over fsdp=8, the Q network's hidden dimensions too;
+  per device the arguments are the network's shards, one problem's start state and the two
+  replicated scalars (weight, max_iterations)."""
+  out = _run("--what", "qstar_search", "--target", "cpu:8", "--mesh", "fsdp=-1", "--env",
+             "puzzle8", "--batch", "8", "--json", env=cpu_target_env(8))
+  assert out.returncode == 0, out.stderr
+  report = json.loads(out.stdout)
+  info, mem = report["info"], report["memory_per_device"]
+  assert report["mesh"]["axes"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert (info["env"], info["batch"], info["num_actions"]) == ("puzzle8", 8, 4)
+  assert info["param_bytes_per_device"] < info["param_bytes"] / 4     # sharded, not replicated
+  start_state = 9  # one [9] uint8 puzzle8 state per device
+  assert mem["argument_bytes"] == info["param_bytes_per_device"] + start_state + 4 + 4
+  assert mem["output_bytes"] > 0 and mem["temp_bytes"] > 0
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_reported_not_raised(monkeypatch):
+  """The TPU compiler refuses a step whose temporaries exceed HBM (RESOURCE_EXHAUSTED): the
+  report says it does not fit, with XLA's message (the CLI exits 3); other errors propagate."""
+  class Refused:
+    def __init__(self, message):
+      self.message = message
+
+    def compile(self):
+      raise jax.errors.JaxRuntimeError(self.message)
+
+  oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (332.21G) exceeds available HBM (15.75G).")
+  monkeypatch.setattr(cr, "lower_lm_pretrain", lambda mesh, **kw: (Refused(oom), {"batch": 8}))
+  report = cr.compile_report("lm_pretrain", "cpu:8", "fsdp=-1", batch=8)
+  assert report["fits"] is False and report["error"] == oom
+  assert report["memory_per_device"]["temp_bytes"] is None
+  assert cr.format_report(report).startswith("DOES NOT FIT: lm_pretrain for cpu:8")
+  monkeypatch.setattr(cr, "lower_lm_pretrain",
+                      lambda mesh, **kw: (Refused("INTERNAL: something else"), {}))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+    cr.compile_report("lm_pretrain", "cpu:8", "fsdp=-1", batch=8)

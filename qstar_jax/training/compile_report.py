@@ -28,7 +28,9 @@ What is compiled (``what``):
 - ``qstar_search``: the batched puzzle Q* search (``search/puzzle/qstar.py``) of a DeepCubeA-size
   Q network over ``B`` problems split over ``data`` x ``fsdp``.
 
-Memory per device, as XLA reports it: ``argument`` (inputs: the shards of the parameters,
+A program the target's compiler refuses for lack of device memory (``RESOURCE_EXHAUSTED``: the
+TPU compiler checks HBM) gives a report with ``fits = False`` and XLA's message in ``error``
+(``qstar-jax compile`` exits 3). Memory per device, as XLA reports it: ``argument`` (inputs: the shards of the parameters,
 optimizer state and batch), ``output``, ``alias`` (outputs written in place of donated inputs),
 ``temp`` (activations, gradients, collectives' buffers) and ``generated_code``;
 ``peak_estimate = argument + output - alias + temp + generated_code``.
@@ -496,10 +498,19 @@ def _compile(what, target, config, compilation_cache, cache_before, events, *, m
   else:
     lowered, info = lower_qstar_search(the_mesh, env_name=env, batch=batch, rules=rules)
   lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
+  error = None
+  try:
+    compiled = lowered.compile()
+    memory = memory_report(compiled)
+  except jax.errors.JaxRuntimeError as err:   # the target's compiler: does not fit its memory
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    error = str(err).strip().splitlines()[0]
+    memory = dict.fromkeys(("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                            "generated_code_bytes", "peak_estimate_bytes", "flops"))
   compile_s = time.perf_counter() - start - lower_s
   report = {"what": what, "target": target.to_dict(), "mesh": mesh_summary(the_mesh),
-            "info": info, "memory_per_device": memory_report(compiled),
+            "info": info, "fits": error is None, "error": error, "memory_per_device": memory,
             "lower_s": lower_s, "compile_s": compile_s, "jax_version": jax.__version__}
   if compilation_cache:
     jax.effects_barrier()
@@ -531,6 +542,11 @@ def format_report(report: Mapping[str, Any]) -> str:
   lines = [f"compiled {report['what']} for {report['target']['spec']} "
            f"({mesh['devices']} {mesh['platform']} devices; mesh {axes}) in "
            f"{report['compile_s']:.1f} s (lowering {report['lower_s']:.1f} s); not run"]
+  if not report.get("fits", True):
+    lines[0] = (f"DOES NOT FIT: {report['what']} for {report['target']['spec']} (mesh {axes}): "
+                f"{report['error']}")
+    lines.append("  (smaller --batch / --seq-len, more devices on fsdp / tensor, or "
+                 "--dtype bfloat16)")
   for key, value in info.items():
     shown = _bytes(value) if key.endswith("bytes") or key.endswith("bytes_per_device") else value
     lines.append(f"  {key:>28}: {shown}")

@@ -313,10 +313,6 @@ def flat(params):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-  "train_loop on several processes: batch_shardings checks each process's rows (B / processes) "
-  "against data x fsdp, and the checkpoint's step is a single-device array orbax cannot save "
-  "multi-host (both in the lead's files; with them patched this run matches, 6e-6)"))
 def test_two_processes_each_read_their_rows_and_match_one_device(tmp_path):
   import socket
 

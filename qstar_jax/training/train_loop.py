@@ -318,10 +318,26 @@ def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], *
 # -------------------------------------------------------------------------------- restore, eval
 
 
+def _global_shapes(batch: Any, leading: int) -> Any:
+  """The global batch's shapes from this process's rows: on several processes each yields
+  ``B / process_count`` rows of dimension ``leading`` (its data shard)."""
+  count = jax.process_count()
+
+  def one(x):
+    shape = list(np.shape(x))
+    if count > 1 and len(shape) > leading:
+      shape[leading] *= count
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    return jax.ShapeDtypeStruct(tuple(shape), dtype)
+
+  return jax.tree.map(one, batch)
+
+
 def _checkpoint_tree(state: TrainState) -> dict[str, Any]:
-  """The saved layout: ``{"params", "opt_state", "step"}`` (+ ``"extra"`` when used)."""
+  """The saved layout: ``{"params", "opt_state", "step"}`` (+ ``"extra"`` when used). The step is
+  a host scalar (numpy): every process holds it, so it saves on a multi-host run too."""
   tree = {"params": state.params, "opt_state": state.opt_state,
-          "step": jnp.asarray(state.step, jnp.int32)}
+          "step": np.asarray(int(state.step), np.int32)}
   if state.extra is not None:
     tree["extra"] = state.extra
   return tree
@@ -344,9 +360,12 @@ def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
   os.replace(tmp, path)
 
 
-def _abstract_leaf(x: Any) -> jax.ShapeDtypeStruct:
+def _abstract_leaf(x: Any) -> Any:
   """The restore target of a state leaf: its shape, dtype and (for a placed array) sharding, so
-  that orbax reads each device's part into the current mesh, whatever mesh wrote it."""
+  that orbax reads each device's part into the current mesh, whatever mesh wrote it; a numpy
+  leaf (the step) is restored as numpy."""
+  if isinstance(x, np.ndarray):
+    return x
   if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
   return jax.ShapeDtypeStruct(jnp.shape(x), jnp.asarray(x).dtype)
@@ -572,7 +591,8 @@ def train(
     nonlocal step_fn, chunk_fn
     batch_sharding = None
     if shardings is not None and batch is not None:
-      batch_sharding = batch_shardings(batch, mesh, leading=int(steps_per_call > 1),
+      leading = int(steps_per_call > 1)
+      batch_sharding = batch_shardings(_global_shapes(batch, leading), mesh, leading=leading,
                                        what="train batch")
     kwargs = dict(accum_steps=config.accum_steps, lr_fn=lr_fn, shardings=shardings,
                   batch_sharding=batch_sharding)

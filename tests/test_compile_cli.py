@@ -44,6 +44,11 @@ def test_parse_target_names_devices_and_topologies():
   assert parse_target("tpu:v6e-256").topology == "v6e:16x16"
   h100 = parse_target("gpu:h100x8")
   assert (h100.platform, h100.num_devices, h100.topology) == ("gpu", 8, "h100")
+  # Attached devices stand in for a target only when they are its kind.
+  assert cr._kind_matches(v5e, "TPU v5 lite") and not cr._kind_matches(v5e, "TPU v6 lite")
+  assert cr._kind_matches(v4, "TPU v4") and not cr._kind_matches(v4, "TPU v5 lite")
+  assert cr._kind_matches(h100, "NVIDIA H100 80GB HBM3")
+  assert not cr._kind_matches(h100, "NVIDIA H200")
   for bad in ("cpu", "cpu:0", "tpu:v9-8", "tpu:v4-12", "fpga:3"):
     with pytest.raises(ValueError, match="--target"):
       parse_target(bad)

@@ -232,6 +232,22 @@ def _topology_devices(target: CompileTarget, platform: str) -> list:
   return list(desc.devices)
 
 
+_TPU_KINDS = {"v4": ("tpu v4",), "v5e": ("tpu v5 lite", "tpu v5e"), "v5p": ("tpu v5p",),
+              "v6e": ("tpu v6 lite", "tpu v6e")}
+
+
+def _kind_matches(target: CompileTarget, device_kind: str) -> bool:
+  """Whether an attached device is the target's kind ("TPU v5 lite" for tpu:v5e-8, "NVIDIA H100
+  80GB HBM3" for gpu:h100x8), so a v5e VM never stands in for a v6e target."""
+  kind = device_kind.lower()
+  if target.platform == "gpu":
+    return target.topology in kind.replace(" ", "")
+  gen = target.spec.split(":", 1)[1].lower().rsplit("-", 1)[0].replace("v5litepod", "v5e")
+  if gen == "v5p" and kind == "tpu v5":
+    return True
+  return any(kind.startswith(k) for k in _TPU_KINDS.get(gen, ()))
+
+
 def target_devices(target: CompileTarget) -> list:
   """The devices to compile for: this process's when they are the target, else compile-only
   devices of the target's topology. Raises :class:`TargetRuntimeError` (which runtime to
@@ -249,6 +265,7 @@ def target_devices(target: CompileTarget) -> list:
     attached = jax.devices(backend)
   except RuntimeError:
     attached = []
+  attached = [d for d in attached if _kind_matches(target, d.device_kind)]
   if len(attached) >= target.num_devices:
     return list(attached[:target.num_devices])
   runtime = "the TPU runtime" if target.platform == "tpu" else "a CUDA runtime"

@@ -38,7 +38,7 @@ from flax import nnx
 from qstar_jax.benchmarks.decode import bench_decode
 from qstar_jax.benchmarks.scaling import MeshBenchConfig, bench_mesh
 from qstar_jax.benchmarks.search import SEARCH_METHODS, SearchBenchConfig, bench_search
-from qstar_jax.distributed import resolve_axis_sizes
+from qstar_jax.distributed import mesh_config_from, resolve_axis_sizes
 from qstar_jax.models.decoding import SamplingConfig, decode
 from qstar_jax.models.errors import PromptError, QstarError
 from qstar_jax.models.loading import PRESET_PREFIX, load_model_spec
@@ -172,7 +172,7 @@ def _compile_command(args: argparse.Namespace, argv: list[str]) -> int:
   before jax starts); otherwise compiles here and prints the report."""
   target = cr.parse_target(args.target)
   if target.platform == "cpu" and os.environ.get(cr.CHILD_ENV) != "1":
-    config = cr.mesh_config(args.mesh)
+    config = mesh_config_from(args.mesh)
     try:
       resolve_axis_sizes(config, target.num_devices)
     except ValueError as err:

@@ -17,11 +17,11 @@ import sys
 import jax
 import pytest
 
+from qstar_jax.distributed import mesh_config_from
 from qstar_jax.training import compile_report as cr
 from qstar_jax.training.compile_report import (
   cache_entries,
   cpu_target_env,
-  mesh_config,
   parse_target,
 )
 
@@ -56,8 +56,8 @@ def test_parse_target_names_devices_and_topologies():
 
 def test_mesh_spec_and_child_environment():
   # "fsdp=-1" means every device on fsdp (data 1), not two "rest" axes.
-  assert mesh_config("fsdp=-1").to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
-  assert mesh_config("data=2,tensor=-1").to_dict() == {"data": 2, "fsdp": 1, "tensor": -1}
+  assert mesh_config_from("fsdp=-1").to_dict() == {"data": 1, "fsdp": -1, "tensor": 1}
+  assert mesh_config_from("data=2,tensor=-1").to_dict() == {"data": 2, "fsdp": 1, "tensor": -1}
   env = cpu_target_env(64, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo=1"})
   assert env["XLA_FLAGS"].split() == ["--foo=1", "--xla_force_host_platform_device_count=64"]
   assert env["JAX_PLATFORMS"] == "cpu"

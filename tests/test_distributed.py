@@ -64,6 +64,9 @@ def test_axis_sizes_fill_the_rest_and_reject_what_does_not_fit():
   assert resolve_axis_sizes(MeshConfig(data=1, fsdp=8, tensor=1), 8) == (1, 8, 1)
   assert mesh_config_from("data=2,tensor=4") == MeshConfig(data=2, fsdp=1, tensor=4)
   assert mesh_config_from({"fsdp": 8}) == MeshConfig(data=-1, fsdp=8, tensor=1)
+  assert mesh_config_from("fsdp=-1") == MeshConfig(data=1, fsdp=-1, tensor=1)
+  assert dict(make_mesh("tensor=-1").shape) == {"data": 1, "fsdp": 1, "tensor": 8}
+  assert dict(make_mesh("fsdp=4").shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   with pytest.raises(MeshShapeError, match=r"data=3.*3 devices but 8 are available"):
     make_mesh("data=3")
   with pytest.raises(MeshShapeError, match=r"does not divide the 8 devices.*multiple of 3"):

@@ -92,8 +92,9 @@ def mesh_config_from(spec: MeshConfig | Mapping[str, Any] | str | None) -> MeshC
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise MeshShapeError(f"mesh axis {name}={value!r}: expected an integer (-1 for the rest)")
     sizes[name] = int(value)
-  if "data" not in sizes and any(k in sizes for k in ("fsdp", "tensor")):
-    sizes.setdefault("data", -1)   # {"fsdp": 8}: the rest (here 1) on data
+  if "data" not in sizes:
+    # {"fsdp": 4} on 8 devices: the rest (2) on data; {"fsdp": -1}: fsdp is the rest, data 1.
+    sizes["data"] = 1 if -1 in sizes.values() else -1
   return MeshConfig(**sizes)
 
 

@@ -82,7 +82,6 @@ __all__ = [
   "CompileTarget",
   "TargetRuntimeError",
   "parse_target",
-  "mesh_config",
   "cpu_target_env",
   "target_devices",
   "lm_pretrain_step",
@@ -180,22 +179,6 @@ def parse_target(spec: str) -> CompileTarget:
             "attached needs the CUDA plugin's topology support)")
     return CompileTarget(spec, "gpu", count, match.group(1), hint)
   raise ValueError(f"--target {spec!r}: unknown platform {kind!r}; {expected}")
-
-
-def mesh_config(spec: Any):
-  """``mesh_config_from(spec)``, except that a spec giving ``-1`` ("the rest") to ``fsdp`` or
-  ``tensor`` without naming ``data`` puts 1 on ``data`` (``"fsdp=-1"``: every device on fsdp),
-  instead of the two ``-1`` axes ``mesh_config_from`` leaves there."""
-  config = mesh_config_from(spec)
-  if isinstance(spec, str):
-    named = {part.partition("=")[0].strip() for part in spec.split(",") if part.strip()}
-  elif isinstance(spec, Mapping):
-    named = set(spec)
-  else:
-    return config
-  if "data" not in named and -1 in (config.fsdp, config.tensor):
-    config = dataclasses.replace(config, data=1)
-  return config
 
 
 def cpu_target_env(num_devices: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -478,7 +461,7 @@ def compile_report(what: str, target: CompileTarget | str, mesh: Any = None, *,
   if what not in COMPILE_WHATS:
     raise ValueError(f"--what {what!r}: expected one of {list(COMPILE_WHATS)}")
   target = parse_target(target) if isinstance(target, str) else target
-  config = mesh_config(mesh)
+  config = mesh_config_from(mesh)
   try:   # the mesh against the target's device count, before any runtime is needed
     resolve_axis_sizes(config, target.num_devices)
   except MeshShapeError as err:

@@ -290,6 +290,12 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4_and_continues(tmp_path, r
   shutil.rmtree(tmp_path)
 
 
+def test_model_batch_axes_agree_with_the_mesh_module():
+  from qstar_jax.distributed import BATCH_AXES
+  from qstar_jax.models.llama import BATCH_AXES as MODEL_BATCH_AXES
+  assert MODEL_BATCH_AXES == BATCH_AXES
+
+
 def test_sharded_rules_cover_default_heads():
   """The value head of a policy/value model is split over fsdp on its hidden dimension."""
   mesh = make_mesh("fsdp=8")
@@ -317,3 +323,21 @@ def test_model_checkpoint_loads_onto_a_mesh_and_back(tmp_path):
   for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(nnx.state(back, nnx.Param)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # a copy: bit for bit
+
+
+def test_fsdp_step_keeps_activations_split_by_example(monkeypatch):
+  """With the model's batch hints (``constrain_batch`` under the step's mesh), the FSDP step's
+  per-device temporary memory stays near the data-parallel step's (measured 1.12x on tiny: the
+  gathered weights); without them XLA gathers activations over the batch for the weight
+  gradients and needs 2.55x (the negative control)."""
+  import qstar_jax.models.llama as llama
+  from qstar_jax.training.compile_report import lower_lm_pretrain
+
+  def temp_bytes(spec):
+    lowered, _ = lower_lm_pretrain(make_mesh(spec), model="tiny", batch=16, seq_len=64)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+  data_parallel, fsdp = temp_bytes("data=8"), temp_bytes("fsdp=8")
+  assert fsdp <= 1.25 * data_parallel, (fsdp, data_parallel)
+  monkeypatch.setattr(llama, "constrain_batch", lambda x: x)
+  assert temp_bytes("fsdp=8") > 2 * data_parallel

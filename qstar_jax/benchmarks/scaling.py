@@ -46,6 +46,7 @@ from qstar_jax.distributed import (
   put_batch,
   replicated,
   shard_params,
+  under_mesh,
 )
 from qstar_jax.envs import make_env
 from qstar_jax.models import Llama
@@ -177,7 +178,7 @@ def bench_lm_step(config: MeshBenchConfig, mesh_spec: str, devices: list,
   rep = replicated(mesh)
   key = jax.device_put(jax.random.key(config.seed), rep)
   step0 = jax.device_put(jnp.int32(0), rep)
-  jitted = jax.jit(inputs.body, in_shardings=(p_sh, o_sh, w_sh, rep, rep),
+  jitted = jax.jit(under_mesh(inputs.body, mesh), in_shardings=(p_sh, o_sh, w_sh, rep, rep),
                    out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
   start = time.perf_counter()
   compiled = jitted.lower(params, opt_state, windows, key, step0).compile()

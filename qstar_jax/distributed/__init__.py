@@ -43,6 +43,7 @@ from qstar_jax.distributed.sharding import (
   spec_for,
   spec_of,
   to_host,
+  under_mesh,
 )
 
 __all__ = [
@@ -53,5 +54,5 @@ __all__ = [
   "DEFAULT_RULES", "HEAD_RULES", "LLAMA_RULES", "PUZZLE_RULES", "Rules", "batch_shardings",
   "batch_size_multiple", "batch_spec", "leaf_path", "opt_state_shardings", "param_shardings",
   "param_specs", "put_batch", "put_global", "put_replicated", "replicated", "shard_params", "spec_for",
-  "spec_of", "to_host",
+  "spec_of", "to_host", "under_mesh",
 ]

@@ -29,9 +29,10 @@ mesh (no silent replication).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -268,3 +269,16 @@ def to_host(tree: Any) -> Any:
     return x
 
   return jax.device_get(jax.tree.map(one, tree))
+
+
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn`` traced with ``mesh``'s abstract mesh in context (``use_abstract_mesh``), for
+  ``jax.jit(under_mesh(fn, mesh), in_shardings=..., out_shardings=...)``: the model's activation
+  hints (``models.llama.constrain_batch``) then keep the batch split over data x fsdp inside."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return wrapped

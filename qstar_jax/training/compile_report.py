@@ -65,6 +65,7 @@ from qstar_jax.distributed import (
   param_shardings,
   replicated,
   resolve_axis_sizes,
+  under_mesh,
 )
 from qstar_jax.envs import make_env
 from qstar_jax.models import Llama
@@ -349,7 +350,7 @@ def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
   key = jax.eval_shape(lambda: jax.random.key(0))
   step = jax.ShapeDtypeStruct((), jnp.int32)
   rep = replicated(mesh)
-  jitted = jax.jit(body, in_shardings=(p_sh, o_sh, w_sh, rep, rep),
+  jitted = jax.jit(under_mesh(body, mesh), in_shardings=(p_sh, o_sh, w_sh, rep, rep),
                    out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
   lowered = jitted.lower(params, opt_state, windows, key, step)
   n_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))

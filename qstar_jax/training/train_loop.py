@@ -65,6 +65,7 @@ from qstar_jax.distributed import (
   param_shardings,
   put_batch,
   replicated,
+  under_mesh,
 )
 from qstar_jax.training.checkpoint import CheckpointManager
 from qstar_jax.training.metrics import MetricsWriter
@@ -252,7 +253,7 @@ def make_train_step(
   if shardings is None:
     return jax.jit(body, donate_argnums=(0, 1))
   rep = shardings.replicated
-  return jax.jit(body, donate_argnums=(0, 1),
+  return jax.jit(under_mesh(body, shardings.mesh), donate_argnums=(0, 1),
                  in_shardings=(shardings.params, shardings.opt_state, batch_sharding, rep, rep,
                                shardings.extra),
                  out_shardings=(shardings.params, shardings.opt_state, rep))
@@ -290,7 +291,7 @@ def make_train_chunk(
   if shardings is None:
     return jax.jit(chunk, donate_argnums=(0,))
   rep = shardings.replicated
-  return jax.jit(chunk, donate_argnums=(0,),
+  return jax.jit(under_mesh(chunk, shardings.mesh), donate_argnums=(0,),
                  in_shardings=(shardings.state(), batch_sharding, rep),
                  out_shardings=(shardings.state(), rep))
 
@@ -306,7 +307,7 @@ def make_eval_step(eval_loss_fn: Callable[[Any, Any], tuple[jax.Array, dict]], *
 
   if shardings is None:
     return jax.jit(eval_step)
-  step = jax.jit(eval_step, in_shardings=(shardings.params, None),
+  step = jax.jit(under_mesh(eval_step, shardings.mesh), in_shardings=(shardings.params, None),
                  out_shardings=shardings.replicated)
 
   def sharded_eval(params, batch):

@@ -24,6 +24,12 @@ def _run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
                         timeout=30, check=False, env=full_env)
 
 
+def test_shared_helpers_are_bash_clean():
+  syntax = subprocess.run(["bash", "-n", str(LAUNCH / "_common.sh")], capture_output=True,
+                          text=True, check=False)
+  assert syntax.returncode == 0, syntax.stderr
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_is_bash_clean_and_prints_usage_without_arguments(script):
   path = LAUNCH / script

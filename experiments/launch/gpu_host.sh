@@ -31,14 +31,8 @@ USAGE
 case "$1" in -h|--help) usage ;; esac
 experiment="$1"
 shift
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ ! "$experiment" =~ ^[a-z0-9_]+$ || ! -f "$repo/experiments/$experiment.py" ]]; then
-  echo "gpu_host.sh: unknown experiment '$experiment' (no experiments/$experiment.py)" >&2
-  usage
-fi
-for arg in "$@"; do
-  [[ "$arg" == *=* ]] || { echo "gpu_host.sh: '$arg' is not key=value" >&2; usage; }
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+check_args gpu_host.sh "$experiment" "$@"
 if [[ -n "${JAX_COORDINATOR_ADDRESS:-}" ]]; then
   if [[ ! "${JAX_NUM_PROCESSES:-}" =~ ^[0-9]+$ || ! "${JAX_PROCESS_ID:-}" =~ ^[0-9]+$ ]]; then
     echo "gpu_host.sh: JAX_COORDINATOR_ADDRESS=$JAX_COORDINATOR_ADDRESS needs JAX_NUM_PROCESSES" \
@@ -53,10 +47,5 @@ if [[ -n "${JAX_COORDINATOR_ADDRESS:-}" ]]; then
 fi
 
 cmd=("${PYTHON:-python3}" -m "experiments.$experiment" "$@")
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
 cd "$repo"
-exec "${cmd[@]}"
+run_cmd "${cmd[@]}"

@@ -33,14 +33,8 @@ USAGE
 case "$1" in -h|--help) usage ;; esac
 tpu="$1" zone="$2" experiment="$3"
 shift 3
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ ! "$experiment" =~ ^[a-z0-9_]+$ || ! -f "$repo/experiments/$experiment.py" ]]; then
-  echo "tpu_pod.sh: unknown experiment '$experiment' (no experiments/$experiment.py)" >&2
-  usage
-fi
-for arg in "$@"; do
-  [[ "$arg" == *=* ]] || { echo "tpu_pod.sh: '$arg' is not key=value" >&2; usage; }
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+check_args tpu_pod.sh "$experiment" "$@"
 
 remote_dir="${REPO_DIR:-\$HOME/qstar_jax}"   # expanded on the host
 remote="cd $remote_dir && ${PYTHON:-python3} -m experiments.$experiment"
@@ -51,9 +45,4 @@ cmd=(gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command
 if [[ -n "${PROJECT:-}" ]]; then
   cmd+=(--project "$PROJECT")
 fi
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
-exec "${cmd[@]}"
+run_cmd "${cmd[@]}"

@@ -26,20 +26,9 @@ USAGE
 case "$1" in -h|--help) usage ;; esac
 experiment="$1"
 shift
-repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-if [[ ! "$experiment" =~ ^[a-z0-9_]+$ || ! -f "$repo/experiments/$experiment.py" ]]; then
-  echo "tpu_vm.sh: unknown experiment '$experiment' (no experiments/$experiment.py)" >&2
-  usage
-fi
-for arg in "$@"; do
-  [[ "$arg" == *=* ]] || { echo "tpu_vm.sh: '$arg' is not key=value" >&2; usage; }
-done
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+check_args tpu_vm.sh "$experiment" "$@"
 
 cmd=("${PYTHON:-python3}" -m "experiments.$experiment" "$@")
-if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  printf '%q ' "${cmd[@]}"
-  echo
-  exit 0
-fi
 cd "$repo"
-exec "${cmd[@]}"
+run_cmd "${cmd[@]}"

@@ -341,3 +341,31 @@ def test_fsdp_step_keeps_activations_split_by_example(monkeypatch):
   assert fsdp <= 1.25 * data_parallel, (fsdp, data_parallel)
   monkeypatch.setattr(llama, "constrain_batch", lambda x: x)
   assert temp_bytes("fsdp=8") > 2 * data_parallel
+
+
+def test_runtime_initializes_only_when_a_cluster_is_described(monkeypatch):
+  from qstar_jax.distributed import grain_shard_options, initialize, multi_host_requested, runtime
+
+  for name in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  assert not multi_host_requested()
+  assert initialize("auto") is False            # one machine: a no-op
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")
+  assert not multi_host_requested()             # a single-host TPU VM
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")
+  assert multi_host_requested()                 # a pod slice
+  monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  assert multi_host_requested()
+  calls = []
+  monkeypatch.setattr(runtime.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(runtime, "_INITIALIZED", False)
+  initialize("auto", coordinator_address="host0:1234", num_processes=4, process_id=1)
+  assert calls == [{"coordinator_address": "host0:1234", "num_processes": 4, "process_id": 1}]
+  initialize("auto")                            # once only
+  assert len(calls) == 1
+  with pytest.raises(ValueError, match="multi_host='maybe'"):
+    initialize("maybe")
+  options = grain_shard_options()
+  assert (options.shard_index, options.shard_count) == (0, 1)

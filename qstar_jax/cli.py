@@ -158,6 +158,8 @@ def _parser() -> argparse.ArgumentParser:
                     "problems (qstar_search); default: the smallest multiple of data x fsdp "
                     ">= 32")
   comp.add_argument("--seq-len", type=int, default=128)
+  comp.add_argument("--remat", action="store_true",
+                    help="lm_pretrain: rematerialise each block in the backward pass")
   comp.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype (parameters stay float32)")
   comp.add_argument("--env", default="cube3", help="qstar_search: puzzle (cube3, puzzle15, ...)")
@@ -183,7 +185,7 @@ def _compile_command(args: argparse.Namespace, argv: list[str]) -> int:
     return proc.returncode
   report = cr.compile_report(args.what, target, args.mesh, model=args.model, batch=args.batch,
                              seq_len=args.seq_len, dtype=args.dtype, env=args.env,
-                             compilation_cache=args.compilation_cache)
+                             compilation_cache=args.compilation_cache, remat=args.remat)
   print(json.dumps(report) if args.json else cr.format_report(report))
   return 0 if report["fits"] else 3
 

@@ -307,13 +307,14 @@ def _checked_batch(batch: int | None, mesh) -> int:
 
 
 def lm_pretrain_step(graphdef: nnx.GraphDef, *, total_steps: int = 1000,
-                     optim: OptimizerConfig | None = None) -> tuple[Any, Any]:
+                     optim: OptimizerConfig | None = None,
+                     remat: bool = False) -> tuple[Any, Any]:
   """``(optimizer, step)``: lm_pretrain's optimizer (``make_optimizer``: clipping + AdamW with
   warmup + cosine) and its un-jitted optimizer step ``step(params, opt_state, windows [B, T + 1],
   rng_key, step) -> (params, opt_state, metrics)``, the body of ``make_train_step(lm_loss_fn(
   graphdef), optimizer)``, for the caller to jit with its shardings."""
   optimizer = make_optimizer(optim or OptimizerConfig(), total_steps=total_steps)
-  train_step = make_train_step(lm_loss_fn(graphdef), optimizer)
+  train_step = make_train_step(lm_loss_fn(graphdef, remat=remat), optimizer)
   body = getattr(train_step, "__wrapped__", train_step)   # jax.jit keeps the function here
 
   def lm_pretrain_step(params, opt_state, windows, rng_key, step):
@@ -324,7 +325,7 @@ def lm_pretrain_step(graphdef: nnx.GraphDef, *, total_steps: int = 1000,
 
 def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
                       seq_len: int = 128, dtype: str = "float32", rules=DEFAULT_RULES,
-                      total_steps: int = 1000) -> tuple[Any, dict[str, Any]]:
+                      total_steps: int = 1000, remat: bool = False) -> tuple[Any, dict[str, Any]]:
   """The lm_pretrain optimizer step lowered for ``mesh`` from abstract arguments.
 
   ``step(params, opt_state, windows [B, T + 1] int32, rng_key, step)`` of ``make_train_step``
@@ -341,7 +342,7 @@ def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
   batch = _checked_batch(batch, mesh)
   abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract_model)
-  optimizer, body = lm_pretrain_step(graphdef, total_steps=total_steps)
+  optimizer, body = lm_pretrain_step(graphdef, total_steps=total_steps, remat=remat)
   p_sh = param_shardings(params, mesh, rules)
   o_sh = opt_state_shardings(optimizer, params, mesh, rules)
   opt_state = jax.eval_shape(optimizer.init, params)
@@ -355,7 +356,7 @@ def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
   lowered = jitted.lower(params, opt_state, windows, key, step)
   n_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
   info = {
-    "model": model, "batch": batch, "seq_len": seq_len, "dtype": dtype,
+    "model": model, "batch": batch, "seq_len": seq_len, "dtype": dtype, "remat": remat,
     "num_params": n_params, "param_bytes": _tree_bytes(params),
     "opt_state_bytes": _tree_bytes(opt_state),
     "param_bytes_per_device": _shard_bytes(params, p_sh),
@@ -453,7 +454,8 @@ def cache_entries(path: str | os.PathLike) -> int:
 def compile_report(what: str, target: CompileTarget | str, mesh: Any = None, *,
                    model: str = "tiny", batch: int | None = None, seq_len: int = 128,
                    dtype: str = "float32", env: str = "cube3",
-                   compilation_cache: str = "", rules=DEFAULT_RULES) -> dict[str, Any]:
+                   compilation_cache: str = "", rules=DEFAULT_RULES,
+                   remat: bool = False) -> dict[str, Any]:
   """Lower and compile ``what`` for ``target`` on the mesh ``mesh`` (a spec string such as
   ``"fsdp=-1"``, a dict or a ``MeshConfig``) without running it; returns the JSON-ready report:
   target, mesh, the program's sizes (``info``), memory per device, FLOPs, compile seconds and,
@@ -482,20 +484,21 @@ def compile_report(what: str, target: CompileTarget | str, mesh: Any = None, *,
     jax.monitoring.register_event_listener(listen)
   try:
     return _compile(what, target, config, compilation_cache, cache_before, events,
-                    model=model, batch=batch, seq_len=seq_len, dtype=dtype, env=env, rules=rules)
+                    model=model, batch=batch, seq_len=seq_len, dtype=dtype, env=env, rules=rules,
+                    remat=remat)
   finally:
     if compilation_cache:
       jax.monitoring.unregister_event_listener(listen)
 
 
 def _compile(what, target, config, compilation_cache, cache_before, events, *, model, batch,
-             seq_len, dtype, env, rules) -> dict[str, Any]:
+             seq_len, dtype, env, rules, remat=False) -> dict[str, Any]:
   devices = target_devices(target)
   the_mesh = make_mesh(config, devices=devices)
   start = time.perf_counter()
   if what == "lm_pretrain":
     lowered, info = lower_lm_pretrain(the_mesh, model=model, batch=batch, seq_len=seq_len,
-                                      dtype=dtype, rules=rules)
+                                      dtype=dtype, rules=rules, remat=remat)
   else:
     lowered, info = lower_qstar_search(the_mesh, env_name=env, batch=batch, rules=rules)
   lower_s = time.perf_counter() - start

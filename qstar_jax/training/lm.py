@@ -24,22 +24,26 @@ __all__ = ["lm_loss_fn", "window_mean_nll", "window_token_nll"]
 # ------------------------------------------------------------------------- next-token loss
 
 
-def window_token_nll(graphdef: nnx.GraphDef) -> Callable[[Any, jax.Array], jax.Array]:
+def window_token_nll(graphdef: nnx.GraphDef, *,
+                     remat: bool = False) -> Callable[[Any, jax.Array], jax.Array]:
   """``fn(params, windows [B, T + 1] int) -> [B, T]`` float32 next-token losses
-  ``-log softmax(f(w[:, :T]))[t, w[:, t + 1]]`` of the Llama model ``graphdef``."""
+  ``-log softmax(f(w[:, :T]))[t, w[:, t + 1]]`` of the Llama model ``graphdef`` (``remat``: each
+  block rematerialised in the backward pass, same values, less activation memory)."""
 
   def nll(params: Any, windows: jax.Array) -> jax.Array:
-    logits, _ = apply(graphdef, params, windows[:, :-1])
+    logits, _ = apply(graphdef, params, windows[:, :-1], remat=remat)
     return token_nll(logits, windows[:, 1:])
 
   return nll
 
 
-def lm_loss_fn(graphdef: nnx.GraphDef) -> Callable[..., tuple[jax.Array, dict]]:
+def lm_loss_fn(graphdef: nnx.GraphDef, *,
+               remat: bool = False) -> Callable[..., tuple[jax.Array, dict]]:
   """The train loop's loss over windows: ``fn(params, windows [B, T + 1], rng_key=None) ->
   (L, {})`` with the mean next-token cross-entropy ``L = -1/(B T) sum_{b,t} log
-  softmax(f(w[b, :T]))[t, w[b, t + 1]]`` (float32, nats/token)."""
-  nll = window_token_nll(graphdef)
+  softmax(f(w[b, :T]))[t, w[b, t + 1]]`` (float32, nats/token). ``remat``: see
+  :func:`window_token_nll`."""
+  nll = window_token_nll(graphdef, remat=remat)
 
   def loss_fn(params: Any, batch: jax.Array, rng_key: jax.Array | None = None):
     del rng_key

@@ -130,7 +130,10 @@ def test_bench_search_json_ratios_come_from_its_timings(policy):
   s, n = out["seconds"], out["tokens_decoded"]
   assert out["tokens_per_s"] == pytest.approx(n / s)
   assert out["simulations_per_s"] == pytest.approx(2 * 2 / s)
-  assert out["bookkeeping_fraction"] == pytest.approx(out["stub_seconds"] / s)
+  assert out["stub_fraction"] == pytest.approx(out["stub_seconds"] / s)
+  assert out["bookkeeping_fraction"] == pytest.approx(
+    max(out["stub_seconds"] - out["prefill_seconds"], 0.0) / s)
+  assert 0 < out["prefill_seconds"]
   assert out["value_overhead"] == pytest.approx((s - out["value_off_seconds"])
                                                 / out["value_off_seconds"])
   assert out["overhead_vs_decode"] == pytest.approx(

@@ -15,7 +15,10 @@ simulations):
 - `overhead_vs_decode`: the search's time over plain batched decoding (`models.decode`,
   `ignore_eos`) of the same number of tokens at the same rows per forward.
 - `bookkeeping_fraction`: the search's time with `constant_step_expand` (constant steps, no
-  model call) over the real search's time.
+  model call after the prompts' prefill) less the time of that prefill alone (`init_step_tree`
+  on the same prompts: model work every search does once, not tree bookkeeping), over the real
+  search's time. `stub_fraction` keeps the stub's whole time over the search's (prefill
+  included), `prefill_seconds` the prefill's.
 - `value_overhead`: (t_on - t_off) / t_off with the value head on and off (`params.value`
   None).
 - `recompiles`: backend compilations while a second batch of different problems of the same
@@ -57,8 +60,10 @@ from qstar_jax.search.steps.step_tree import (
   StepTree,
   ValueFn,
   expand_steps,
+  init_step_tree,
   linear_value,
   step_contains,
+  tree_capacity,
 )
 
 __all__ = [
@@ -572,10 +577,18 @@ def bench_search(model: Any, config: SearchBenchConfig, *, tokenizer: Any = None
   # The same search: value head off; constant stub (no model call).
   off = timed_search("value head off", params.replace(value=None), from_steps)
   stub = timed_search("constant stub", params, constant_step_expand)
+  # The prompts' prefill alone (a one-node-per-problem pool: the model work, not the pool).
+  prefill_capacity = tree_capacity(b, nodes_per_problem=1, max_depth=config.max_depth,
+                                   max_step_tokens=spec.max_step_tokens)
+  prefill_fn = jax.jit(functools.partial(init_step_tree, graphdef=graphdef,
+                                         capacity=prefill_capacity, spec=spec))
+  prefill = timed("prompt prefill", lambda: prefill_fn(
+    params, prompt_tokens=device["tokens"], prompt_lengths=device["lengths"]).hidden)
   out.update({"value_off_seconds": off["seconds"],
               "value_overhead": (seconds - off["seconds"]) / off["seconds"],
-              "stub_seconds": stub["seconds"],
-              "bookkeeping_fraction": stub["seconds"] / seconds})
+              "stub_seconds": stub["seconds"], "prefill_seconds": prefill["seconds"],
+              "stub_fraction": stub["seconds"] / seconds,
+              "bookkeeping_fraction": max(stub["seconds"] - prefill["seconds"], 0.0) / seconds})
 
   # Baselines at (possibly) reduced sizes, compared per node expansion.
   bb = config.baseline_batch or b

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import os
 import statistics
 import time
@@ -32,21 +31,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from qstar_jax.distributed import (
-  DEFAULT_RULES,
-  batch_shardings,
   make_mesh,
   mesh_summary,
-  opt_state_shardings,
-  param_shardings,
   put_batch,
-  replicated,
-  shard_params,
-  under_mesh,
 )
 from qstar_jax.envs import make_env
 from qstar_jax.models import Llama
@@ -56,7 +47,9 @@ from qstar_jax.search import qstar_search
 
 __all__ = ["MeshBenchConfig", "bench_mesh", "bench_lm_step", "bench_qstar_search"]
 
-LMStepFactory = Callable[[nnx.GraphDef], tuple[Any, Callable[..., Any]]]
+# (graphdef, params, windows, mesh) -> (optimizer, shardings, batch_sharding, jitted step):
+# qstar_jax.training.compile_report.lm_pretrain_step.
+LMStepFactory = Callable[..., tuple[Any, Any, Any, Callable[..., Any]]]
 
 CPU_NOTE = ("On simulated CPU devices the N devices are threads on this machine's {cpus} cores, "
             "so t_N / t_1 is not a speedup of N chips: a ratio > 1 is the overhead of the "
@@ -145,58 +138,49 @@ class _LMInputs:
   graphdef: Any
   params: Any          # host (numpy) leaves: each mesh gets its own device copy to donate
   windows: np.ndarray  # [B, T + 1] int32
-  optimizer: Any
-  body: Callable[..., Any]
 
 
-def _lm_inputs(config: MeshBenchConfig, lm_step: LMStepFactory) -> _LMInputs:
+def _lm_inputs(config: MeshBenchConfig) -> _LMInputs:
   base = get_config(config.model)
   cfg = get_config(config.model, max_position_embeddings=max(base.max_position_embeddings,
                                                               config.seq_len + 1))
   graphdef, params = _init(lambda: Llama(cfg, rngs=nnx.Rngs(config.seed)))
-  optimizer, body = lm_step(graphdef)
   rng = np.random.default_rng(config.seed)
   windows = rng.integers(0, cfg.vocab_size, (config.batch, config.seq_len + 1), dtype=np.int32)
-  return _LMInputs(graphdef, jax.tree.map(np.asarray, params), windows, optimizer, body)
+  return _LMInputs(graphdef, jax.tree.map(np.asarray, params), windows)
 
 
 def bench_lm_step(config: MeshBenchConfig, mesh_spec: str, devices: list,
-                  lm_step: LMStepFactory | _LMInputs) -> dict[str, Any]:
-  """The lm_pretrain step ``lm_step(graphdef) -> (optimizer, step)`` on ``mesh_spec`` over
-  ``devices``: params / optimizer state placed by ``DEFAULT_RULES``, windows split over
-  data x fsdp, jitted with explicit in/out shardings and donation; median of ``repeats`` steps
-  after compile and one warm-up step."""
-  inputs = lm_step if isinstance(lm_step, _LMInputs) else _lm_inputs(config, lm_step)
+                  lm_step: LMStepFactory, inputs: _LMInputs | None = None) -> dict[str, Any]:
+  """The lm_pretrain step of ``lm_step`` on ``mesh_spec`` over ``devices`` (the train loop's
+  sharded step: params / optimizer state placed by ``DEFAULT_RULES``, windows split over
+  data x fsdp, explicit in/out shardings, donation); median of ``repeats`` steps after compile
+  and one warm-up step."""
+  inputs = inputs or _lm_inputs(config)
   mesh = make_mesh(mesh_spec, devices=devices)
-  optimizer = inputs.optimizer
-  p_sh = param_shardings(inputs.params, mesh, DEFAULT_RULES)
-  o_sh = opt_state_shardings(optimizer, inputs.params, mesh, DEFAULT_RULES)
-  params = shard_params(inputs.params, mesh, DEFAULT_RULES)
-  opt_state = jax.jit(optimizer.init, out_shardings=o_sh)(params)
-  w_sh = batch_shardings(inputs.windows, mesh, what="windows")
+  _, shardings, w_sh, jitted = lm_step(inputs.graphdef, inputs.params, inputs.windows, mesh)
+  state = shardings.place(inputs.params)   # params copied onto the mesh, opt state made there
   windows = put_batch(inputs.windows, w_sh)
-  rep = replicated(mesh)
-  key = jax.device_put(jax.random.key(config.seed), rep)
-  step0 = jax.device_put(jnp.int32(0), rep)
-  jitted = jax.jit(under_mesh(inputs.body, mesh), in_shardings=(p_sh, o_sh, w_sh, rep, rep),
-                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
+  key = jax.device_put(jax.random.key(config.seed), shardings.replicated)
+  step0 = state.step
   start = time.perf_counter()
-  compiled = jitted.lower(params, opt_state, windows, key, step0).compile()
+  compiled = jitted.lower(state.params, state.opt_state, windows, key, step0, None).compile()
   compile_s = time.perf_counter() - start
-  params, opt_state, metrics = compiled(params, opt_state, windows, key, step0)  # warm-up
+  params, opt_state, metrics = compiled(state.params, state.opt_state, windows, key, step0,
+                                        None)  # warm-up
   first_loss = float(metrics["loss"])
-  state = {"params": params, "opt_state": opt_state}
+  held = {"params": params, "opt_state": opt_state}
 
   def call():
-    state["params"], state["opt_state"], m = compiled(state["params"], state["opt_state"],
-                                                      windows, key, step0)
+    held["params"], held["opt_state"], m = compiled(held["params"], held["opt_state"], windows,
+                                                    key, step0, None)
     return m["loss"]
 
   times = _timed(call, config.repeats)
   return {"mesh": mesh_summary(mesh), "median_s": statistics.median(times), "times_s": times,
           "compile_s": compile_s, "first_loss": first_loss,
-          "devices_used": _devices_of(state["params"]),
-          "largest_param_fraction_per_device": _largest_leaf_fraction(state["params"])}
+          "devices_used": _devices_of(held["params"]),
+          "largest_param_fraction_per_device": _largest_leaf_fraction(held["params"])}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,8 +209,6 @@ def bench_qstar_search(config: MeshBenchConfig, mesh_spec: str, devices: list,
   """The puzzle Q* search (``qstar_search(..., mesh=mesh)``) of ``search_batch`` scrambles with a
   randomly initialised Q network, ``search_iterations`` iterations at most; median of
   ``repeats`` calls after compile and one warm-up call."""
-  if "mesh" not in inspect.signature(qstar_search).parameters:
-    raise NotImplementedError("qstar_search has no mesh= keyword in this checkout")
   inputs = inputs or _search_inputs(config)
   mesh = make_mesh(mesh_spec, devices=devices)
 
@@ -258,8 +240,8 @@ def bench_mesh(config: MeshBenchConfig, *, lm_step: LMStepFactory,
   """Runs :func:`bench_lm_step` (and :func:`bench_qstar_search`) on each mesh of
   ``config.meshes()`` and returns the JSON-ready report with ``ratios`` ``t_N / t_1``.
 
-  ``lm_step(graphdef) -> (optimizer, step)`` gives the lm_pretrain optimizer and its un-jitted
-  step ``step(params, opt_state, windows, rng_key, step) -> (params, opt_state, metrics)``:
+  ``lm_step(graphdef, params, windows, mesh) -> (optimizer, shardings, batch_sharding, step)``
+  gives the train loop's sharded lm_pretrain step for a mesh:
   ``qstar_jax.training.compile_report.lm_pretrain_step`` (the training layer sits beside the
   benchmarks, so the command line passes it in)."""
   log = log or (lambda line: None)
@@ -271,32 +253,29 @@ def bench_mesh(config: MeshBenchConfig, *, lm_step: LMStepFactory,
                          "jax_version": jax.__version__}
   if config.lm:
     runs = {}
-    lm_inputs = _lm_inputs(config, lm_step)
+    lm_inputs = _lm_inputs(config)
     for name, spec in config.meshes().items():
       devs = devices[:1] if name == "1" else devices[:n]
-      runs[name] = bench_lm_step(config, spec, devs, lm_inputs)
+      runs[name] = bench_lm_step(config, spec, devs, lm_step, lm_inputs)
       log(f"lm_pretrain {name}: {runs[name]['median_s'] * 1e3:.2f} ms/step "
           f"(compile {runs[name]['compile_s']:.1f} s)")
     losses = [r["first_loss"] for r in runs.values()]
     out["lm_pretrain"] = {"runs": runs, "ratios": _ratios(runs),
                           "max_first_loss_diff": float(max(losses) - min(losses))}
   if config.search:
-    if "mesh" not in inspect.signature(qstar_search).parameters:
-      out["qstar_search"] = {"skipped": "qstar_search has no mesh= keyword in this checkout"}
-    else:
-      sruns = {}
-      search_inputs = _search_inputs(config)
-      for name, spec in config.meshes(config.search_axes).items():
-        devs = devices[:1] if name == "1" else devices[:n]
-        sruns[name] = bench_qstar_search(config, spec, devs, search_inputs)
-        log(f"qstar_search {name}: {sruns[name]['median_s'] * 1e3:.2f} ms/call "
-            f"(first call {sruns[name]['first_call_s']:.1f} s)")
-      ref = sruns["1"]["result"]
-      same = all(r["result"] == ref for r in sruns.values())
-      for r in sruns.values():
-        r.pop("result")
-      out["qstar_search"] = {"runs": sruns, "ratios": _ratios(sruns),
-                             "same_results_as_1_device": same}
+    sruns = {}
+    search_inputs = _search_inputs(config)
+    for name, spec in config.meshes(config.search_axes).items():
+      devs = devices[:1] if name == "1" else devices[:n]
+      sruns[name] = bench_qstar_search(config, spec, devs, search_inputs)
+      log(f"qstar_search {name}: {sruns[name]['median_s'] * 1e3:.2f} ms/call "
+          f"(first call {sruns[name]['first_call_s']:.1f} s)")
+    ref = sruns["1"]["result"]
+    same = all(r["result"] == ref for r in sruns.values())
+    for r in sruns.values():
+      r.pop("result")
+    out["qstar_search"] = {"runs": sruns, "ratios": _ratios(sruns),
+                           "same_results_as_1_device": same}
   if out["platform"] == "cpu":
     out["note"] = CPU_NOTE.format(cpus=os.cpu_count())
   else:

@@ -61,11 +61,9 @@ from qstar_jax.distributed import (
   make_mesh,
   mesh_config_from,
   mesh_summary,
-  opt_state_shardings,
   param_shardings,
   replicated,
   resolve_axis_sizes,
-  under_mesh,
 )
 from qstar_jax.envs import make_env
 from qstar_jax.models import Llama
@@ -76,7 +74,7 @@ from qstar_jax.search.open_list import default_table_capacity
 from qstar_jax.search.puzzle.qstar import _qstar_batched
 from qstar_jax.training.lm import lm_loss_fn
 from qstar_jax.training.optim import OptimizerConfig, make_optimizer
-from qstar_jax.training.train_loop import make_train_step
+from qstar_jax.training.train_loop import TrainShardings, make_train_step
 
 __all__ = [
   "COMPILE_WHATS",
@@ -306,21 +304,23 @@ def _checked_batch(batch: int | None, mesh) -> int:
   return batch
 
 
-def lm_pretrain_step(graphdef: nnx.GraphDef, *, total_steps: int = 1000,
+def lm_pretrain_step(graphdef: nnx.GraphDef, params: Any, windows: Any, mesh: Any, *,
+                     rules=DEFAULT_RULES, total_steps: int = 1000,
                      optim: OptimizerConfig | None = None,
-                     remat: bool = False) -> tuple[Any, Any]:
-  """``(optimizer, step)``: lm_pretrain's optimizer (``make_optimizer``: clipping + AdamW with
-  warmup + cosine) and its un-jitted optimizer step ``step(params, opt_state, windows [B, T + 1],
-  rng_key, step) -> (params, opt_state, metrics)``, the body of ``make_train_step(lm_loss_fn(
-  graphdef), optimizer)``, for the caller to jit with its shardings."""
+                     remat: bool = False) -> tuple[Any, TrainShardings, Any, Any]:
+  """``(optimizer, shardings, batch_sharding, step)``: lm_pretrain's optimizer
+  (``make_optimizer``: clipping + AdamW with warmup + cosine) and the train loop's own sharded
+  step for ``mesh``, ``make_train_step(lm_loss_fn(graphdef), optimizer, shardings=...,
+  batch_sharding=...)``: ``step(params, opt_state, windows [B, T + 1], rng_key, step, None) ->
+  (params, opt_state, metrics)`` with explicit in/out shardings (params and optimizer state by
+  ``rules``, windows over data x fsdp) and donation. ``params`` / ``windows`` may be arrays or
+  abstract (only their shapes are read)."""
   optimizer = make_optimizer(optim or OptimizerConfig(), total_steps=total_steps)
-  train_step = make_train_step(lm_loss_fn(graphdef, remat=remat), optimizer)
-  body = getattr(train_step, "__wrapped__", train_step)   # jax.jit keeps the function here
-
-  def lm_pretrain_step(params, opt_state, windows, rng_key, step):
-    return body(params, opt_state, windows, rng_key, step)
-
-  return optimizer, lm_pretrain_step
+  shardings = TrainShardings.build(mesh, params, optimizer, rules=rules)
+  batch_sharding = batch_shardings(windows, mesh, what="windows")
+  step = make_train_step(lm_loss_fn(graphdef, remat=remat), optimizer, shardings=shardings,
+                         batch_sharding=batch_sharding)
+  return optimizer, shardings, batch_sharding, step
 
 
 def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
@@ -328,10 +328,10 @@ def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
                       total_steps: int = 1000, remat: bool = False) -> tuple[Any, dict[str, Any]]:
   """The lm_pretrain optimizer step lowered for ``mesh`` from abstract arguments.
 
-  ``step(params, opt_state, windows [B, T + 1] int32, rng_key, step)`` of ``make_train_step``
-  with ``lm_loss_fn`` and ``make_optimizer`` (AdamW + clipping, the lm_pretrain optimizer), jitted
-  with parameters / optimizer state sharded by ``rules``, the windows over ``data`` x ``fsdp``,
-  key and step replicated, and parameters / optimizer state donated. Returns ``(lowered, info)``
+  :func:`lm_pretrain_step` (the train loop's sharded step with ``lm_loss_fn`` and
+  ``make_optimizer``: parameters / optimizer state sharded by ``rules``, the windows over
+  ``data`` x ``fsdp``, key and step replicated, parameters / optimizer state donated).
+  Returns ``(lowered, info)``
   (info: model, parameter count and bytes, per-device shard bytes, batch).
   """
   if seq_len < 1:
@@ -342,18 +342,14 @@ def lower_lm_pretrain(mesh, *, model: str = "tiny", batch: int | None = None,
   batch = _checked_batch(batch, mesh)
   abstract_model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(abstract_model)
-  optimizer, body = lm_pretrain_step(graphdef, total_steps=total_steps, remat=remat)
-  p_sh = param_shardings(params, mesh, rules)
-  o_sh = opt_state_shardings(optimizer, params, mesh, rules)
-  opt_state = jax.eval_shape(optimizer.init, params)
   windows = jax.ShapeDtypeStruct((batch, seq_len + 1), jnp.int32)
-  w_sh = batch_shardings(windows, mesh, what="windows")
+  optimizer, shardings, w_sh, step_fn = lm_pretrain_step(
+    graphdef, params, windows, mesh, rules=rules, total_steps=total_steps, remat=remat)
+  p_sh, o_sh = shardings.params, shardings.opt_state
+  opt_state = jax.eval_shape(optimizer.init, params)
   key = jax.eval_shape(lambda: jax.random.key(0))
   step = jax.ShapeDtypeStruct((), jnp.int32)
-  rep = replicated(mesh)
-  jitted = jax.jit(under_mesh(body, mesh), in_shardings=(p_sh, o_sh, w_sh, rep, rep),
-                   out_shardings=(p_sh, o_sh, rep), donate_argnums=(0, 1))
-  lowered = jitted.lower(params, opt_state, windows, key, step)
+  lowered = step_fn.lower(params, opt_state, windows, key, step, None)
   n_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
   info = {
     "model": model, "batch": batch, "seq_len": seq_len, "dtype": dtype, "remat": remat,

@@ -21,6 +21,10 @@ beam search, on the arithmetic task (CPU) or GSM8K (an accelerator preset).
   ``oreo_beam``: OREO's value-guided step beam search (beam width B, B expansions per beam)
   with the OREO policy and its value head. Each evaluation is stored in ``out/evals.json`` as it
   finishes and skipped on rerun.
+- ``out/stages_config.json`` records the settings (and, on the arithmetic task, the policy's
+  fingerprint) those files were made with; a rerun into the same ``out`` with other settings
+  stops with an error naming each change instead of reusing them (``seeds``, ``mesh`` and
+  ``runtime`` may change).
 
 Writes ``out/results.json`` (``{"config", "methods": {method: [accuracy per seed]},
 "compute": {method: {...}}, "checks", "evals"}``), ``out/table.md`` (the paper's layout, its
@@ -50,7 +54,7 @@ from qstar_jax.data.reasoning import Trajectory, read_reasoning_jsonl, write_rea
 from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems
 from qstar_jax.envs.grading import answers_match, stated_answer
-from qstar_jax.models.arithmetic_policy import load_arithmetic_policy
+from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.step_tree import PolicyValueParams
 from qstar_jax.search.steps.tasks import (
@@ -68,6 +72,7 @@ from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.progress import PhaseTimer
 from qstar_jax.training.reasoning_data import sample_trajectories, trajectories_from_generations
 from qstar_jax.training.results import (
+  check_stages_config,
   markdown_table,
   new_figure,
   read_json,
@@ -336,6 +341,10 @@ def run(cfg: OreoExperimentConfig, *, mesh: Mesh | None = None) -> dict[str, Any
     raise ValueError("seeds is empty: expected at least one seed")
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
+  inputs = ({"policy_fingerprint": arithmetic_policy_fingerprint(cfg.model or None)}
+            if cfg.task == "arithmetic" else {})
+  check_stages_config(out, {**config_to_dict(cfg), **inputs},
+                      ignore=("out", "seeds", "mesh", "runtime"))
   timer = PhaseTimer()
   with timer.phase("setup"):
     setup = arithmetic_setup(cfg) if cfg.task == "arithmetic" else gsm8k_setup(cfg)

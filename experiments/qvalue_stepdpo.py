@@ -26,8 +26,10 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    paper's numbers, the acceptance checks met / not met), `out/accuracy.png`.
 
 Every stage writes its files and is skipped when they exist; a killed step-DPO run resumes from
-its last checkpoint (`out/seed{s}/qmodel`). The stage files are not keyed by the config: after
-changing a setting of a stage, delete its files (or use another `out`).
+its last checkpoint (`out/seed{s}/qmodel`). `out/stages_config.json` records the settings (and,
+on the arithmetic task, policy A's fingerprint) the stages were made with; a rerun into the same
+`out` with other settings stops with an error naming each change, instead of reading back
+stages made the old way (`seeds`, `mesh` and `runtime` may change: more seeds add stages).
 
 `task=gsm8k` (preset gpu): the same stages on GSM8K train / test questions with pretrained chat
 models (`gsm8k.model` = A, `gsm8k.model_b` = B, which must share A's tokenizer), zero-shot
@@ -68,7 +70,11 @@ from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models import load_pretrained
-from qstar_jax.models.arithmetic_policy import ArithmeticPolicy, load_arithmetic_policy
+from qstar_jax.models.arithmetic_policy import (
+  ArithmeticPolicy,
+  arithmetic_policy_fingerprint,
+  load_arithmetic_policy,
+)
 from qstar_jax.models.decoding import delimiter_token_ids
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.scorers import (
@@ -90,6 +96,7 @@ from qstar_jax.training.arithmetic_policy import (
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.results import (
+  check_stages_config,
   markdown_table,
   new_figure,
   read_json,
@@ -550,6 +557,10 @@ def run(cfg: QValueConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
     raise ValueError("seeds=[]: expected at least one seed")
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
+  inputs = ({"policy_fingerprint": arithmetic_policy_fingerprint(cfg.policy or None)}
+            if cfg.task == "arithmetic" else {})
+  check_stages_config(out, {**config_to_dict(cfg), **inputs},
+                      ignore=("out", "seeds", "mesh", "runtime"))
   t_start = time.perf_counter()
   policy_a, policy_b = load_policies(cfg, out, mesh=mesh)
   policies = {policy_a.name: policy_a, policy_b.name: policy_b}

@@ -49,7 +49,7 @@ from jax.sharding import Mesh
 
 from qstar_jax.data.reasoning import PreferencePair, Trajectory, read_reasoning_jsonl
 from qstar_jax.distributed import RuntimeConfig, is_main_process
-from qstar_jax.models.arithmetic_policy import load_arithmetic_policy, save_arithmetic_policy
+from qstar_jax.models.arithmetic_policy import load_arithmetic_policy, save_trained_policy
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.results import write_json
 from qstar_jax.training.run_setup import setup_run
@@ -145,14 +145,10 @@ def train_value(cfg: TrainValueConfig, *, command: str = "",
                      beta=beta, **common)
     trained = result.params
   seconds = time.perf_counter() - t0
-  model_config = {k: v for k, v in policy.config.items() if k != "llama"}
-  model_config["value_training"] = {"method": cfg.method, "data": str(cfg.data),
-                                    "beta": beta, "command": command}
   if is_main_process():
-    save_arithmetic_policy(
-      out / "model", model=nnx.merge(policy.graphdef, trained), value_kernel=value["kernel"],
-      value_bias=value["bias"], tokenizer_path=policy.path / "tokenizer.model",
-      config=model_config,
+    save_trained_policy(
+      out / "model", policy, trained, value,
+      training={"method": cfg.method, "data": str(cfg.data), "beta": beta, "command": command},
       readme=f"# {cfg.method} model of the arithmetic policy\n\nMade by:\n\n    {command}\n")
   results = {
     "config": config_to_dict(cfg), "method": cfg.method, "beta": beta,

@@ -20,6 +20,10 @@ Stages (each writes its files and is skipped when they exist; a killed training 
 from its last checkpoint): `data/` (MCTS annotation of train problems with the verifier's
 reward -> step pairs; N samples per problem with outcomes), `values/NAME/` (a value_runs run and
 the trained model as an arithmetic-policy folder), `evals/` (one JSON per value and method).
+`out/stages_config.json` records the settings and the policy's fingerprint the stages were made
+with; a rerun into the same `out` with other settings (or a retrained policy) stops with an
+error naming each change, instead of reading back stages made the old way (`values`, `methods`,
+`mesh` and `runtime` may change freely).
 Writes `results.json` (`{"config", "baselines": {METHOD: {...}}, "values": {VALUE: {METHOD:
 {"accuracy", "tokens_decoded", "model_calls", "n_problems", "seconds", ...}}}, "data",
 "training"}`), `table.md` and `accuracy_vs_tokens.png`.
@@ -57,8 +61,9 @@ from qstar_jax.distributed import RuntimeConfig, is_main_process
 from qstar_jax.envs.arithmetic import generate_problems, policy_prompt
 from qstar_jax.models.arithmetic_policy import (
   ArithmeticPolicy,
+  arithmetic_policy_fingerprint,
   load_arithmetic_policy,
-  save_arithmetic_policy,
+  save_trained_policy,
 )
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.scorers import (
@@ -74,6 +79,7 @@ from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.reasoning_data import sample_trajectories
 from qstar_jax.training.results import (
+  check_stages_config,
   markdown_table,
   read_json,
   save_plot,
@@ -142,6 +148,9 @@ class ValueSearchConfig:
 
 # ---------------------------------------------------------------------------------- helpers
 
+# Settings that never change a stage's files: free to differ between runs into one out dir.
+STAGES_IGNORE = ("out", "values", "methods", "mesh", "runtime")
+
 
 def _check(cfg: ValueSearchConfig) -> None:
   bad = [v for v in cfg.values if v not in VALUES]
@@ -203,14 +212,10 @@ def make_data(cfg: ValueSearchConfig, policy: ArithmeticPolicy, spec: Any,
 
 def _save_model(folder: pathlib.Path, policy: ArithmeticPolicy, params: Any,
                 head: dict[str, Any], name: str) -> ArithmeticPolicy:
-  config = {k: v for k, v in policy.config.items() if k != "llama"}
   if is_main_process():
-    save_arithmetic_policy(folder, model=nnx.merge(policy.graphdef, params),
-                           value_kernel=np.asarray(head["kernel"]),
-                           value_bias=np.asarray(head["bias"]), tokenizer_path=policy.path /
-                           "tokenizer.model", config={**config, "value_training": name},
-                           readme=f"# {name} model of the arithmetic policy (experiments."
-                                  "value_search)\n")
+    save_trained_policy(folder, policy, params, head, training=name,
+                        readme=f"# {name} model of the arithmetic policy (experiments."
+                               "value_search)\n")
   sync_processes(f"value_search model {folder}")
   return load_arithmetic_policy(folder)
 
@@ -329,6 +334,10 @@ def run(cfg: ValueSearchConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
   device; ``main`` passes the mesh of ``cfg.mesh``)."""
   _check(cfg)
   out = pathlib.Path(cfg.out)
+  check_stages_config(
+    out, {**config_to_dict(cfg),
+          "policy_fingerprint": arithmetic_policy_fingerprint(cfg.task.policy or None)},
+    ignore=STAGES_IGNORE)
   task = arithmetic_task(cfg.task)
   policy = load_arithmetic_policy(cfg.task.policy or None)
   results: dict[str, Any] = {"config": config_to_dict(cfg), "baselines": {}, "values": {},

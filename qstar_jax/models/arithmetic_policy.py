@@ -21,6 +21,7 @@ The default folder is ``qstar_jax/assets/arithmetic_policy`` inside the installe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -40,9 +41,11 @@ from qstar_jax.models.tokenizer import SentencePieceTokenizer
 __all__ = [
   "ARITHMETIC_POLICY_FILES",
   "ArithmeticPolicy",
+  "arithmetic_policy_fingerprint",
   "default_arithmetic_policy_dir",
   "load_arithmetic_policy",
   "save_arithmetic_policy",
+  "save_trained_policy",
 ]
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -132,6 +135,35 @@ def save_arithmetic_policy(
   (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
   (directory / README_FILE).write_text(readme)
   return directory
+
+
+def save_trained_policy(directory: str | os.PathLike, base: ArithmeticPolicy, params: Any,
+                        value_head: Mapping[str, Any], *, training: Any,
+                        readme: str) -> pathlib.Path:
+  """Writes a model trained from ``base`` (a value, Q or policy model of it) as an
+  arithmetic-policy folder: ``params`` (the Llama state, ``base.graphdef``'s), ``value_head``
+  (``{"kernel": [D, 1], "bias": [1]}``), ``base``'s tokenizer and task format, and ``training``
+  (what made it) as ``config["value_training"]``. `load_arithmetic_policy` reads it back."""
+  config = {k: v for k, v in base.config.items() if k != "llama"}
+  return save_arithmetic_policy(
+    directory, model=nnx.merge(base.graphdef, params),
+    value_kernel=np.asarray(value_head["kernel"]), value_bias=np.asarray(value_head["bias"]),
+    tokenizer_path=base.path / TOKENIZER_FILE, config={**config, "value_training": training},
+    readme=readme)
+
+
+def arithmetic_policy_fingerprint(path: str | os.PathLike | None = None) -> str:
+  """A short digest of a policy folder's files (tokenizer, parameters, config; default the
+  committed policy): equal for the same files, different after a retraining. Experiments record
+  it beside their settings so that stage files made with another policy are not reused."""
+  directory = default_arithmetic_policy_dir() if path is None else pathlib.Path(path)
+  digest = hashlib.sha256()
+  for name in (TOKENIZER_FILE, PARAMS_FILE, CONFIG_FILE):
+    file = directory / name
+    if not file.is_file():
+      raise CheckpointError(f"arithmetic policy folder {directory} lacks {name}")
+    digest.update(name.encode() + b"\0" + file.read_bytes())
+  return digest.hexdigest()[:16]
 
 
 def _require(config: Mapping[str, Any], key: str, path: pathlib.Path) -> Any:

@@ -17,7 +17,12 @@ from typing import Any
 
 from qstar_jax.distributed import is_main_process
 
-__all__ = ["write_results", "save_plot", "markdown_table", "to_jsonable", "read_json", "write_json"]
+__all__ = ["STAGES_CONFIG_FILE", "StaleStagesError", "check_stages_config", "config_differences",
+           "markdown_table", "read_json", "save_plot", "to_jsonable", "write_json",
+           "write_results"]
+
+# The file in an experiment's out dir that records the settings its stage files were made with.
+STAGES_CONFIG_FILE = "stages_config.json"
 
 
 def to_jsonable(value: Any) -> Any:
@@ -59,6 +64,69 @@ def write_json(path: str | os.PathLike, value: Any) -> Any:
   tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
   os.replace(tmp, path)
   return value
+
+
+class StaleStagesError(ValueError):
+  """An out dir holds stage files made with other settings than the run's."""
+
+
+def config_differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+  """``"path: stored -> current"`` for each leaf where two JSON values differ (dicts compared
+  key by key, dotted paths; a key on one side only shows ``<absent>`` on the other)."""
+  if isinstance(stored, Mapping) and isinstance(current, Mapping):
+    out: list[str] = []
+    for key in sorted(set(stored) | set(current), key=str):
+      path = f"{prefix}.{key}" if prefix else str(key)
+      if key not in stored:
+        out.append(f"{path}: <absent> -> {json.dumps(current[key])}")
+      elif key not in current:
+        out.append(f"{path}: {json.dumps(stored[key])} -> <absent>")
+      else:
+        out += config_differences(stored[key], current[key], path)
+    return out
+  if stored == current:
+    return []
+  return [f"{prefix or '<root>'}: {json.dumps(stored)} -> {json.dumps(current)}"]
+
+
+def check_stages_config(out_dir: str | os.PathLike, config: Mapping[str, Any], *,
+                        ignore: Sequence[str] = ()) -> dict[str, Any]:
+  """Ties an experiment's stage files to the settings that made them.
+
+  Experiments whose stages are skipped when their files exist (data, trained models,
+  evaluations) would otherwise read back, on a rerun with changed settings into the same
+  ``out_dir``, files made with the old ones, and report them as the new run's. The first run
+  writes ``out_dir/stages_config.json`` (``config`` as JSON, without the top-level keys in
+  ``ignore``: settings that never change a stage's files, e.g. the out dir itself, the device
+  mesh, which methods or seeds to run); a rerun must present the same settings.
+
+  ``config`` may carry, besides the experiment's config, fingerprints of its inputs (e.g. the
+  policy's parameters), so that a retrained input also counts as a change. An out dir made
+  before this check existed (stage files, no record) is adopted: the record is written.
+
+  Returns:
+    the recorded settings.
+
+  Raises:
+    StaleStagesError: the out dir was made with other settings; the message names every
+      differing setting (stored -> now) and what to do.
+  """
+  unknown = [k for k in ignore if k not in config]
+  if unknown:
+    raise ValueError(f"ignore={list(ignore)}: {unknown} are not keys of the config "
+                     f"(keys: {sorted(config)})")
+  current = to_jsonable({k: v for k, v in config.items() if k not in ignore})
+  path = pathlib.Path(out_dir) / STAGES_CONFIG_FILE
+  stored = read_json(path)
+  if stored is None:
+    return write_json(path, current)
+  differences = config_differences(stored, current)
+  if differences:
+    raise StaleStagesError(
+      f"{out_dir} holds stage files made with other settings ({path}); changed: "
+      + "; ".join(differences) + ". Use another out dir, or delete this one to rerun every "
+      "stage with the new settings.")
+  return stored
 
 
 def write_results(out_dir: str | os.PathLike, *, results: Mapping[str, Any], table_md: str) -> None:

@@ -7,7 +7,8 @@ value-guided beam, MCTS (an episode of decisions), particle filtering, Q-guided,
 - arithmetic: the committed policy (`qstar_jax/assets/arithmetic_policy`, a small Llama SFT'd
   by `experiments.train_arithmetic_policy`) and its outcome value head, on `n_problems` test
   problems; each method at every budget multiplier of `arithmetic.scales` (one curve per
-  method in the plot).
+  method in the plot). `arithmetic.verifier=DIR` (a step verifier written by
+  `experiments.verifier_probe`) scores the value-guided methods' nodes instead of the head.
 - gsm8k: a pretrained chat model (SmolLM2-135M-Instruct by default, or any HF directory) on
   `gsm8k.n_problems` test questions (`n_problems=0`: the whole test set), zero-shot, one step per
   line. It has no value head here, so node values are 0: value-guided methods reduce to
@@ -90,11 +91,22 @@ def run_task(task: SearchTask, methods: Sequence[str], budget: SearchBudget,
   return out
 
 
+def value_note(task: str, config: dict[str, Any]) -> str:
+  """What scored the nodes of the task's value-guided methods."""
+  if task == "gsm8k":
+    return "No value head: value-guided methods rank ties (values 0)."
+  verifier = config.get("arithmetic", {}).get("verifier")
+  if verifier:
+    return (f"Values: the step verifier `{verifier}` (a PRM checking each step alone: the "
+            "product over a node's steps of P(step correct)); greedy and majority read none.")
+  return "Values: the policy's outcome value head (regression on its own samples' outcomes)."
+
+
 def make_table(results: dict[str, Any]) -> str:
   md = ["# Accuracy vs compute of LM step searches", ""]
   for task, methods in results["tasks"].items():
     greedy = methods.get("greedy", {}).get("tokens_decoded")
-    md += [f"## {task}", "", markdown_table(
+    md += [f"## {task}", "", value_note(task, results["config"]), "", markdown_table(
       ["method", "accuracy %", "tokens decoded / problem", "x greedy tokens", "model calls",
        "problems", "tokens/s", "no answer", "overflow"],
       [[m, 100 * r["accuracy"], r["tokens_decoded"],

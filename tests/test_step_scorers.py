@@ -31,12 +31,14 @@ from qstar_jax.search.steps.scorers import (
   LogRatioQ,
   ModelValue,
   PathLogRatio,
+  StepVerifier,
   VerifierReward,
   encode_answers,
   model_value_params,
   path_tokens,
   q_model_value_params,
   scored_expand,
+  step_verifier_value_params,
   verifier_value_params,
   zero_value,
 )
@@ -301,3 +303,37 @@ def test_verifier_reward_drives_mcts_with_outcome_rollouts():
           np.testing.assert_allclose(sibling["q"], outcomes.pop(), atol=1e-6)
           checked.append(sibling["q"])
   assert 0.0 in checked and 1.0 in checked
+
+
+def test_step_verifier_is_the_product_of_per_step_probabilities(searched):
+  """StepVerifier(node) = prod over the node's steps of sigmoid(head . hidden at the last token
+  of [BOS] + that step alone), by plain forwards of host-built rows; roots 0."""
+  result, tokens, lengths, nodes, other, _ = searched
+  tree = result.tree
+  graphdef, _ = tiny_policy()
+  rng = np.random.default_rng(1)
+  head = {"kernel": rng.normal(0.0, 0.5, (np.asarray(tree.hidden).shape[1], 1)).astype(np.float32),
+          "bias": np.array([0.3], np.float32)}
+  bos = 5
+  value_params = step_verifier_value_params(other.policy, head)
+  # The scorer reads each parent's value from the tree: fill it depth by depth as a search would.
+  depth = np.asarray(tree.cache.node_depth)
+  scorer = jax.jit(StepVerifier(graphdef, bos_id=bos))
+  for d in range(1, MAX_DEPTH + 1):
+    level = jnp.asarray(nodes[depth[nodes] == d])
+    tree = tree.replace(value=tree.value.at[level].set(scorer(value_params, tree, level)))
+  got = np.asarray(scorer(value_params, tree, jnp.asarray(nodes)))
+
+  def p_step(step):
+    ids = np.asarray([[bos, *step]], np.int32)
+    hidden, _ = apply_hidden(graphdef, other.policy, jnp.asarray(ids))
+    return 1 / (1 + np.exp(-(np.asarray(hidden)[0, -1] @ head["kernel"][:, 0] + 0.3)))
+
+  parent = np.asarray(tree.cache.node_parent)
+  for row, node in enumerate(nodes):
+    expected, n = 0.0 if depth[node] == 0 else 1.0, int(node)
+    while depth[n] > 0:
+      expected *= p_step(node_step_ids(tree, n))
+      n = int(parent[n])
+    np.testing.assert_allclose(got[row], expected, rtol=1e-5, atol=1e-7)
+  assert np.all((got > 0) == (depth[nodes] > 0)) and np.all(got < 1)

@@ -23,6 +23,8 @@ unchanged. `params.value` is then the scorer's dict, and the search's `value_fn`
   its solution tokens of (log pi_prm - log pi_ref)`.
 - `ModelValue`: a separate value model's linear head on its own hidden state after the node's
   last token (OREO's value model run beside another policy).
+- `StepVerifier`: a process reward model that checks each step alone
+  (`training.step_verifier`): the product over the node's steps of ``P(step correct)``.
 
 `path_tokens` assembles those sequences from the tree (traceable).
 
@@ -58,6 +60,7 @@ __all__ = [
   "PathLogRatio",
   "PathTokens",
   "ScoredExpand",
+  "StepVerifier",
   "VerifierReward",
   "encode_answers",
   "model_value_params",
@@ -65,7 +68,9 @@ __all__ = [
   "path_tokens",
   "path_width",
   "q_model_value_params",
+  "line_logits",
   "scored_expand",
+  "step_verifier_value_params",
   "verifier_value_params",
   "zero_value",
 ]
@@ -419,3 +424,55 @@ class ModelValue:
     last = jnp.maximum(paths.lengths - 1, 0)
     state = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]        # [M, D]
     return linear_value(value_params["head"], state)
+
+
+# ----------------------------------------------------------------------------- step verifier
+
+
+def line_logits(graphdef: nnx.GraphDef, params: Mapping[str, Any], tokens: jax.Array,
+                last: jax.Array) -> jax.Array:
+  """[N] float32 logits of ``P(line correct)``: a step verifier's linear head on its hidden
+  state at position ``last`` [N] of each row of tokens [N, T]. params: ``{"model": Llama state,
+  "head": {"kernel" [D, 1], "bias" [1]}}``."""
+  hidden, _ = apply_hidden(graphdef, params["model"], tokens)
+  hidden = jnp.take_along_axis(hidden, jnp.asarray(last, jnp.int32)[:, None, None], axis=1)[:, 0]
+  head = params["head"]
+  return ((hidden.astype(jnp.float32) @ head["kernel"])[:, 0] + head["bias"][0]).astype(
+    jnp.float32)
+
+
+def step_verifier_value_params(model_params: Any, head: Mapping[str, Any]) -> dict[str, Any]:
+  """`params.value` of a `StepVerifier` search: the verifier's Llama state and its head
+  (``{"kernel": [D, 1], "bias": [1]}``, logits of ``P(step correct)``)."""
+  return {"model": model_params,
+          "head": {"kernel": jnp.asarray(head["kernel"], jnp.float32),
+                   "bias": jnp.asarray(head["bias"], jnp.float32)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVerifier:
+  """A step verifier's value of a node: ``value(parent) * P(the node's step is correct)``, the
+  probability read by `line_logits` on ``[BOS] + the node's own step tokens`` alone (its last
+  token: the delimiter), a depth-1 node's parent counting 1. So a node's value is the product
+  over its path of ``P(step correct)`` (a PRM's product aggregation), in [0, 1]. Roots score
+  0 (like every scored search's). value_params: `step_verifier_value_params(...)`."""
+
+  graphdef: nnx.GraphDef
+  bos_id: int
+
+  def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
+    _require(value_params, ("model", "head"), "StepVerifier")
+    nodes = jnp.asarray(nodes, jnp.int32)
+    safe = jnp.maximum(nodes, 0)
+    steps = tree.step_tokens[safe]                                              # [M, T]
+    tokens = jnp.concatenate([jnp.full((steps.shape[0], 1), self.bos_id, jnp.int32), steps],
+                             axis=1)
+    p_step = jax.nn.sigmoid(line_logits(self.graphdef, value_params, tokens,
+                                        tree.step_length[safe]))
+    parent = tree.cache.node_parent[safe]
+    safe_parent = jnp.maximum(parent, 0)
+    before = jnp.where((parent < 0) | (tree.cache.node_depth[safe_parent] == 0), 1.0,
+                       tree.value[safe_parent])
+    value = before * p_step
+    return jnp.where((nodes >= 0) & (tree.cache.node_depth[safe] > 0), value, 0.0).astype(
+      jnp.float32)

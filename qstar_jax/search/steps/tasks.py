@@ -1,7 +1,9 @@
 """Ready-to-search tasks: a policy, its step definition, prompts and references, and `evaluate`.
 
 - `arithmetic_task`: the committed small arithmetic policy (`qstar_jax/assets/arithmetic_policy`)
-  with its outcome value head, on generated test problems.
+  with its outcome value head, on generated test problems; or with a step verifier
+  (`ArithmeticTask.verifier`, `training.step_verifier`) scoring the nodes of value-guided
+  methods instead of the head.
 - `gsm8k_task`: a pretrained chat model (SmolLM2-135M-Instruct by default, or an HF directory)
   on GSM8K test questions, zero-shot, one reasoning step per line; no value head (values 0).
 - `evaluate(task, method, budget)`: runs one search method over the task in equal batches
@@ -32,11 +34,17 @@ from qstar_jax.search.steps.methods import (
   prompt_batches,
   run_method,
 )
-from qstar_jax.search.steps.scorers import NodeScorer, scored_expand, zero_value
+from qstar_jax.search.steps.scorers import (
+  NodeScorer,
+  StepVerifier,
+  scored_expand,
+  step_verifier_value_params,
+  zero_value,
+)
 from qstar_jax.search.steps.step_tree import PolicyValueParams, StepSpec
 
-__all__ = ["ArithmeticTask", "Gsm8kTask", "SearchTask", "arithmetic_task", "evaluate",
-           "gsm8k_prompt", "gsm8k_task"]
+__all__ = ["VALUE_FREE_METHODS", "ArithmeticTask", "Gsm8kTask", "SearchTask", "arithmetic_task",
+           "evaluate", "gsm8k_prompt", "gsm8k_task"]
 
 GSM8K_INSTRUCTION = (
   "Solve the math problem step by step. Write one short step per line and finish with a "
@@ -54,6 +62,9 @@ class ArithmeticTask:
   policy: str = ""              # folder of a trained policy; "" = the committed one
   max_step_tokens: int = 24
   scales: tuple[float, ...] = (0.25, 1.0)   # budget multipliers (curves); 1.0 = the table
+  # A step verifier's folder (experiments.verifier_probe writes out/step_verifier): nodes of
+  # the value-guided methods are scored by `StepVerifier` with it; "" = the policy's value head.
+  verifier: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +90,27 @@ class SearchTask:
   references: tuple[str, ...]
   questions: tuple[str, ...]
   batch: int
+  # Scores the nodes of the value-guided methods instead of the policy's value head (see
+  # `evaluate`); scorer_params(prompt_tokens [B, P], prompt_lengths [B]) -> params.value.
+  scorer: NodeScorer | None = None
+  scorer_params: Callable[[np.ndarray, np.ndarray], Any] | None = None
+
+
+# Methods that never read a node's value: `evaluate` runs them without the task's scorer.
+VALUE_FREE_METHODS = ("greedy", "majority")
+
+
+def _step_verifier(folder: str) -> tuple[NodeScorer, Callable[[np.ndarray, np.ndarray], Any]]:
+  verifier = load_arithmetic_policy(folder)
+  kind = verifier.config.get("value_training", {})
+  if not isinstance(kind, dict) or kind.get("kind") != "step_verifier":
+    raise ValueError(f"arithmetic.verifier={folder!r}: not a step verifier (its config.json "
+                     f"value_training is {kind!r}; expected one written by "
+                     "experiments.verifier_probe, kind 'step_verifier')")
+  head = nnx.merge(verifier.value_graphdef, verifier.value_params)
+  value = step_verifier_value_params(verifier.params, {"kernel": head.kernel[...],
+                                                       "bias": head.bias[...]})
+  return StepVerifier(verifier.graphdef, bos_id=verifier.bos_id), lambda tokens, lengths: value
 
 
 def arithmetic_task(cfg: ArithmeticTask) -> SearchTask:
@@ -94,10 +126,12 @@ def arithmetic_task(cfg: ArithmeticTask) -> SearchTask:
     for p in problems)
   spec = StepSpec(stop_ids=(policy.newline_id,), eos_ids=(policy.eos_id,),
                   max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id)
+  scorer, scorer_params = _step_verifier(cfg.verifier) if cfg.verifier else (None, None)
   return SearchTask(name="arithmetic", graphdef=policy.graphdef, params=params,
                     tokenizer=policy.tokenizer, spec=spec, prompts=prompts,
                     references=tuple(str(p.answer) for p in problems),
-                    questions=tuple(p.question for p in problems), batch=cfg.batch)
+                    questions=tuple(p.question for p in problems), batch=cfg.batch,
+                    scorer=scorer, scorer_params=scorer_params)
 
 
 def gsm8k_prompt(tokenizer: Any, question: str) -> list[int]:
@@ -135,11 +169,15 @@ def evaluate(task: SearchTask, method: str, budget: SearchBudget, *, seed: int,
   With `scorer` (a `scorers.NodeScorer`: a step-DPO Q-model, an implicit PRM, a separate value
   model) the nodes are scored by it instead of the task's value head: each batch's
   `params.value` is `scorer_params(prompt_tokens [B, P], prompt_lengths [B])` (e.g.
-  `scorers.q_model_value_params` with the models bound), the policy stays the task's.
+  `scorers.q_model_value_params` with the models bound), the policy stays the task's. Without
+  one, the task's own scorer (a step verifier) scores methods that read values; greedy and
+  majority run without it (`VALUE_FREE_METHODS`: their answers never depend on a value).
   """
   if (scorer is None) != (scorer_params is None):
     raise ValueError("evaluate: scorer and scorer_params go together (the scorer reads "
                      "scorer_params(prompt_tokens, prompt_lengths) as params.value)")
+  if scorer is None and task.scorer is not None and method not in VALUE_FREE_METHODS:
+    scorer, scorer_params = task.scorer, task.scorer_params
   extra = {} if scorer is None else {"expand_fn": scored_expand(scorer), "value_fn": zero_value}
   correct, tokens, calls, overflow, no_answer = 0, 0, 0, 0, 0
   seconds = 0.0

@@ -6,10 +6,11 @@ value-guided rows of `search_scaling` and `value_search` (which stay below greed
 1. **lines**: the arithmetic check every value-guided search of this task needs, alone. A step
    verifier (`training.step_verifier`: a Llama initialised from the policy plus a linear head
    at the line's last token) is trained by logistic regression to tell a correct line
-   ``a op b = c`` from one whose result is off by +-1, 2, 3 or 10 (half the operation lines of
-   reference solutions of train problems; answer lines count correct); its held-out accuracy
-   per line kind is recorded as it trains, and the model is saved as `out/step_verifier` (an
-   arithmetic-policy folder; `search_scaling arithmetic.verifier=DIR` searches with it).
+   ``a op b = c`` from one whose result is off by 1..9, 10 or 20 either way (half the operation
+   lines of reference solutions of train problems; answer lines count correct); its held-out
+   accuracy per line kind is recorded as it trains, and the model is saved as
+   `out/step_verifier` (an arithmetic-policy folder; `search_scaling arithmetic.verifier=DIR`
+   searches with it).
 2. **samples**: `samples.num_samples` solutions per test problem sampled from the policy; each
    scored by the policy's value head at the solution's last state (``value``), by the policy's
    mean and minimum token log-probability over the solution (``mean_log_prob``,

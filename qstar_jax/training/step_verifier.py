@@ -3,11 +3,12 @@
 A process reward model (PRM) in the sense of Lightman et al. ("Let's Verify Step by Step",
 2023), with the step labels made automatically instead of by people: the lines of reference
 solutions of train problems, half of the operation lines given a wrong result (the right one
-plus a small offset, the slips a small policy makes). The model is a Llama initialised from the
-policy plus a linear head read at the line's last token (its newline, or EOS for the answer
-line), trained by logistic regression (``sigmoid(head) = P(line correct)``); it reads the line
-without its context, so it checks the arithmetic of ``a op b = c``, not whether ``a`` is the
-previous result. Answer lines ("The answer is N") carry no arithmetic and are labelled correct.
+plus a small offset, 1..9, 10 or 20 either way: the slips a small policy makes). The model is a
+Llama initialised from the policy plus a linear head read at the line's last token (its
+newline, or EOS for the answer line), trained by logistic regression (``sigmoid(head) =
+P(line correct)``); it reads the line without its context, so it checks the arithmetic of
+``a op b = c``, not whether ``a`` is the previous result. Answer lines ("The answer is N") carry
+no arithmetic and are labelled correct.
 
 `qstar_jax.search.steps.scorers.StepVerifier` scores search nodes with it: the product over the
 node's steps of ``P(step correct)``.
@@ -37,8 +38,9 @@ from qstar_jax.training.progress import progress
 __all__ = ["LINE_OFFSETS", "StepVerifierConfig", "VerifierLines", "step_verifier_data",
            "train_step_verifier"]
 
-# Wrong results: the right one plus one of these (kept positive).
-LINE_OFFSETS = (1, 2, 3, 10, -1, -2, -3, -10)
+# Wrong results: the right one plus one of these (kept positive). The committed policy's own
+# wrong results are mostly off by 1..9 (measured: +-1 and +-2 most often), some by 10 or 20.
+LINE_OFFSETS = tuple(d for m in (*range(1, 10), 10, 20) for d in (m, -m))
 ANSWER_KIND = "answer"
 
 

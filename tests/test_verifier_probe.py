@@ -2,6 +2,7 @@
 end."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from experiments import verifier_probe
 from qstar_jax.envs.arithmetic import generate_problems, parse_step
 from qstar_jax.models.arithmetic_policy import default_arithmetic_policy_dir, load_arithmetic_policy
+from qstar_jax.models.tokenizer import train_sentencepiece
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.scorers import StepVerifier
 from qstar_jax.search.steps.tasks import ArithmeticTask, arithmetic_task, evaluate
@@ -98,3 +100,11 @@ def test_search_tasks_score_value_guided_methods_with_a_step_verifier(tmp_path):
   with pytest.raises(ValueError, match="not a step verifier"):
     arithmetic_task(ArithmeticTask(n_problems=4, batch=4,
                                    verifier=str(default_arithmetic_policy_dir())))
+  # A verifier of another tokenizer would misread the policy's step tokens.
+  other = tmp_path / "other_verifier"
+  shutil.copytree(folder, other)
+  train_sentencepiece("1 + 2 = 3\nThe answer is 3\nAnn has 4 apples.\n" * 50,
+                      vocab_size=290, model_prefix=tmp_path / "other")
+  shutil.copy(tmp_path / "other.model", other / "tokenizer.model")
+  with pytest.raises(ValueError, match="tokenizer .* differs from the policy's"):
+    arithmetic_task(ArithmeticTask(n_problems=4, batch=4, verifier=str(other)))

@@ -100,13 +100,19 @@ class SearchTask:
 VALUE_FREE_METHODS = ("greedy", "majority")
 
 
-def _step_verifier(folder: str) -> tuple[NodeScorer, Callable[[np.ndarray, np.ndarray], Any]]:
+def _step_verifier(folder: str, policy: Any) -> tuple[NodeScorer,
+                                                     Callable[[np.ndarray, np.ndarray], Any]]:
   verifier = load_arithmetic_policy(folder)
   kind = verifier.config.get("value_training", {})
   if not isinstance(kind, dict) or kind.get("kind") != "step_verifier":
     raise ValueError(f"arithmetic.verifier={folder!r}: not a step verifier (its config.json "
                      f"value_training is {kind!r}; expected one written by "
                      "experiments.verifier_probe, kind 'step_verifier')")
+  # It reads the policy's step tokens: the two must share one tokenizer.
+  mine, theirs = (verifier.path / "tokenizer.model", policy.path / "tokenizer.model")
+  if mine.read_bytes() != theirs.read_bytes():
+    raise ValueError(f"arithmetic.verifier={folder!r}: its tokenizer ({mine}) differs from the "
+                     f"policy's ({theirs}); expected a verifier trained from this policy")
   head = nnx.merge(verifier.value_graphdef, verifier.value_params)
   value = step_verifier_value_params(verifier.params, {"kernel": head.kernel[...],
                                                        "bias": head.bias[...]})
@@ -126,7 +132,8 @@ def arithmetic_task(cfg: ArithmeticTask) -> SearchTask:
     for p in problems)
   spec = StepSpec(stop_ids=(policy.newline_id,), eos_ids=(policy.eos_id,),
                   max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id)
-  scorer, scorer_params = _step_verifier(cfg.verifier) if cfg.verifier else (None, None)
+  scorer, scorer_params = (_step_verifier(cfg.verifier, policy) if cfg.verifier
+                           else (None, None))
   return SearchTask(name="arithmetic", graphdef=policy.graphdef, params=params,
                     tokenizer=policy.tokenizer, spec=spec, prompts=prompts,
                     references=tuple(str(p.answer) for p in problems),

@@ -44,7 +44,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from qstar_jax.data.reasoning import PreferencePair, Trajectory, read_reasoning_jsonl
@@ -122,8 +121,7 @@ def train_value(cfg: TrainValueConfig, *, command: str = "",
     records = kept
   beta = cfg.beta or DEFAULT_BETA.get(cfg.method, 0.0)
   common = dict(pad_id=policy.pad_id, cfg=cfg.run, out_dir=out / "run", mesh=mesh)
-  head = nnx.merge(policy.value_graphdef, policy.value_params)
-  value = {"kernel": np.asarray(head.kernel[...]), "bias": np.asarray(head.bias[...])}
+  value = {k: np.asarray(v) for k, v in policy.value_head().items()}
   t0 = time.perf_counter()
   if cfg.method in PAIR_METHODS:
     result = run_preference(policy.graphdef, policy.params, records,

@@ -47,7 +47,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from qstar_jax.data.reasoning import (
@@ -229,8 +228,7 @@ def train_value(name: str, cfg: ValueSearchConfig, policy: ArithmeticPolicy,
   if record is not None and (folder / "model" / "config.json").is_file():
     return load_arithmetic_policy(folder / "model"), record
   t = cfg.training
-  head = nnx.merge(policy.value_graphdef, policy.value_params)
-  head = {"kernel": np.asarray(head.kernel[...]), "bias": np.asarray(head.bias[...])}
+  head = {k: np.asarray(v) for k, v in policy.value_head().items()}
   common = dict(reference_params=policy.params, pad_id=policy.pad_id, out_dir=folder / "run",
                 mesh=mesh)
   t0 = time.perf_counter()
@@ -269,8 +267,7 @@ def scorer_for(name: str, cfg: ValueSearchConfig, policy: ArithmeticPolicy,
   if name == "prm":
     return PathLogRatio(policy.graphdef, beta=t.prm_beta), (
       lambda tokens, lengths: q_model_value_params(model.params, policy.params, tokens, lengths))
-  head = nnx.merge(model.value_graphdef, model.value_params)
-  head = {"kernel": head.kernel[...], "bias": head.bias[...]}
+  head = model.value_head()
   return ModelValue(policy.graphdef), (
     lambda tokens, lengths: model_value_params(model.params, head, tokens, lengths))
 

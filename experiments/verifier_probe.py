@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from qstar_jax.envs.arithmetic import arithmetic_reward, generate_problems, policy_prompt
 from qstar_jax.envs.grading import answers_match, stated_answer
@@ -47,11 +46,12 @@ from qstar_jax.models.arithmetic_policy import (
   load_arithmetic_policy,
   save_trained_policy,
 )
-from qstar_jax.models.llama import apply, apply_hidden
+from qstar_jax.models.llama import apply
 from qstar_jax.search.steps.result import vote
 from qstar_jax.search.steps.scorers import line_logits, step_verifier_value_params
 from qstar_jax.training.arithmetic_policy import (
   generate_solutions,
+  hidden_states_at,
   solution_text,
   within_group_auc,
 )
@@ -169,15 +169,12 @@ def probe_samples(cfg: VerifierProbeConfig, policy: ArithmeticPolicy,
   logp = _token_log_probs(policy, sequences, [len(q) for q in rows], batch=c.batch_size,
                           width=width)
   # The value head at the solution's last state (the hidden state after its last token).
-  hidden = jax.jit(lambda p, t: apply_hidden(policy.graphdef, p, t)[0])
-  values = []
-  for _, chunk, tokens in _padded_batches(sequences, c.batch_size, width, policy.pad_id):
-    h = np.asarray(hidden(policy.params, tokens))
-    last = np.stack([h[i, len(s) - 1] for i, s in enumerate(chunk)])
-    values += np.asarray(policy.value(last), np.float64).reshape(-1).tolist()
+  last = hidden_states_at(policy.graphdef, policy.params, sequences,
+                          [[len(s) - 1] for s in sequences], batch_size=c.batch_size,
+                          width=width)
+  values = np.asarray(policy.value(np.concatenate(last)), np.float64).reshape(-1)
   mean_lp = np.array([lp.mean() if len(lp) else -np.inf for lp in logp])
   min_lp = np.array([lp.min() if len(lp) else -np.inf for lp in logp])
-  values = np.array(values)
   by_score = {"value": (values, np.maximum(values, 0.0)),
               "mean_log_prob": (mean_lp, np.exp(mean_lp)),
               "min_log_prob": (min_lp, np.exp(min_lp))}
@@ -241,9 +238,7 @@ def verifier_scores(verifier: ArithmeticPolicy, generations: Sequence[Sequence[i
     if step:
       lines.append([verifier.bos_id, *step])
       owner.append(m)
-  head = nnx.merge(verifier.value_graphdef, verifier.value_params)
-  params = step_verifier_value_params(verifier.params, {"kernel": head.kernel[...],
-                                                        "bias": head.bias[...]})
+  params = step_verifier_value_params(verifier.params, verifier.value_head())
   width = max(len(s) for s in lines)
   logits = jax.jit(lambda p, t, last: line_logits(verifier.graphdef, p, t, last))
   log_p = []

@@ -93,6 +93,12 @@ class ArithmeticPolicy:
     """The value head on final-normed hidden states: ``[..., D] -> [...]`` float32."""
     return nnx.merge(self.value_graphdef, self.value_params)(jnp.asarray(hidden))
 
+  def value_head(self) -> dict[str, Any]:
+    """The value head's arrays ``{"kernel": [D, 1], "bias": [1]}`` (float32), the form the
+    searches' value params and the trainers take."""
+    head = nnx.merge(self.value_graphdef, self.value_params)
+    return {"kernel": head.kernel[...], "bias": head.bias[...]}
+
 
 def _value_head(kernel: np.ndarray, bias: np.ndarray) -> ValueHead:
   head = nnx.eval_shape(lambda: ValueHead(kernel.shape[0], rngs=nnx.Rngs(0)))

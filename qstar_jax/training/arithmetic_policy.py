@@ -95,6 +95,7 @@ __all__ = [
   "fit_linear_value",
   "generate_solutions",
   "greedy_accuracy",
+  "hidden_states_at",
   "install_arithmetic_policy",
   "length_grouped_batches",
   "majority_answer",
@@ -346,9 +347,9 @@ def step_end_positions(num_prompt: int, generated: Sequence[int], *, newline_id:
   return positions
 
 
-def _hidden_at(graphdef: nnx.GraphDef, params: Any, sequences: Sequence[Sequence[int]],
-               positions: Sequence[Sequence[int]], *, batch_size: int,
-               width: int) -> list[np.ndarray]:
+def hidden_states_at(graphdef: nnx.GraphDef, params: Any, sequences: Sequence[Sequence[int]],
+                     positions: Sequence[Sequence[int]], *, batch_size: int,
+                     width: int) -> list[np.ndarray]:
   """Final-normed hidden states ``[len(positions[i]), D]`` of each sequence at its positions."""
   forward = jax.jit(lambda p, t: apply_hidden(graphdef, p, t)[0])
   out = []
@@ -572,9 +573,9 @@ def train_arithmetic_policy(cfg: ArithmeticPolicyConfig, *, command: str = "",
                          for i, g in enumerate(gens)], np.float64)
     positions = [step_end_positions(len(p), g, newline_id=newline_id, eos_id=EOS_ID)
                  for p, g in zip(prompts, gens, strict=True)]
-    hidden = _hidden_at(graphdef, params, [p + g for p, g in zip(prompts, gens, strict=True)],
-                        positions, batch_size=e.batch_size,
-                        width=e.prompt_width + e.max_new_tokens)
+    hidden = hidden_states_at(graphdef, params,
+                              [p + g for p, g in zip(prompts, gens, strict=True)], positions,
+                              batch_size=e.batch_size, width=e.prompt_width + e.max_new_tokens)
     n_fit = len(value_problems) - round(v.holdout_fraction * len(value_problems))
     rows = np.repeat(np.arange(len(gens)), [len(p) for p in positions])
     x = np.concatenate(hidden)

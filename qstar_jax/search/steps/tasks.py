@@ -113,18 +113,14 @@ def _step_verifier(folder: str, policy: Any) -> tuple[NodeScorer,
   if mine.read_bytes() != theirs.read_bytes():
     raise ValueError(f"arithmetic.verifier={folder!r}: its tokenizer ({mine}) differs from the "
                      f"policy's ({theirs}); expected a verifier trained from this policy")
-  head = nnx.merge(verifier.value_graphdef, verifier.value_params)
-  value = step_verifier_value_params(verifier.params, {"kernel": head.kernel[...],
-                                                       "bias": head.bias[...]})
+  value = step_verifier_value_params(verifier.params, verifier.value_head())
   return StepVerifier(verifier.graphdef, bos_id=verifier.bos_id), lambda tokens, lengths: value
 
 
 def arithmetic_task(cfg: ArithmeticTask) -> SearchTask:
   """The committed arithmetic policy (or cfg.policy) and `n_problems` test problems."""
   policy = load_arithmetic_policy(cfg.policy or None)
-  head = nnx.merge(policy.value_graphdef, policy.value_params)
-  params = PolicyValueParams(policy=policy.params,
-                             value={"kernel": head.kernel[...], "bias": head.bias[...]})
+  params = PolicyValueParams(policy=policy.params, value=policy.value_head())
   problems = generate_problems(cfg.seed, cfg.n_problems, split="test")
   prompts = tuple(
     (policy.bos_id, *policy.tokenizer.encode(policy_prompt(p.question,

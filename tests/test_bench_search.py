@@ -138,6 +138,8 @@ def test_bench_search_json_ratios_come_from_its_timings(policy):
                                                 / out["value_off_seconds"])
   assert out["overhead_vs_decode"] == pytest.approx(
     (s / n) / (out["decode_seconds"] / out["decode_tokens"]))
+  assert out["batching_gain"] == pytest.approx(
+    2 * out["decode_one_problem_seconds"] / out["decode_seconds"])
   # Baselines on 1 problem, compared per node expansion (problems * (simulations + 1)).
   assert out["speedup_vs_python"] == pytest.approx((2 * 3 / s) / (1 * 3 / out["python_seconds"]))
   assert out["prefix_reuse_speedup"] == pytest.approx(

@@ -14,6 +14,11 @@ simulations):
   dense KV cache instead of reading the tree cache.
 - `overhead_vs_decode`: the search's time over plain batched decoding (`models.decode`,
   `ignore_eos`) of the same number of tokens at the same rows per forward.
+- `batching_gain`: B x the time of that plain decoding for one problem's rows over its time for
+  all B problems' rows: how much batching problems buys on this device for the model's own
+  work. A batched search can beat a per-problem one by about this, plus the per-call overhead
+  the per-problem one pays; on a CPU the model's compute grows with the rows (the gain stays
+  far below B), on an accelerator it barely does (the gain nears B).
 - `bookkeeping_fraction`: the search's time with `constant_step_expand` (constant steps, no
   model call after the prompts' prefill) less the time of that prefill alone (`init_step_tree`
   on the same prompts: model work every search does once, not tree bookkeeping), over the real
@@ -573,6 +578,14 @@ def bench_search(model: Any, config: SearchBenchConfig, *, tokenizer: Any = None
   out.update({"decode_seconds": dec["seconds"], "decode_tokens": decode_tokens,
               "decode_rows": b * rows,
               "overhead_vs_decode": (seconds / tokens_decoded) / (dec["seconds"] / decode_tokens)})
+  # The same decoding for one problem's rows: what batching B problems buys on this device.
+  one = timed("decode, one problem", lambda: decode(
+    graphdef, policy, key, tokens=device["tokens"][:1], lengths=lengths[:1],
+    model_config=model_config,
+    sampling=SamplingConfig(max_new_tokens=new_tokens, num_candidates=rows, ignore_eos=True)
+  ).tokens)
+  out.update({"decode_one_problem_seconds": one["seconds"],
+              "batching_gain": b * one["seconds"] / dec["seconds"]})
 
   # The same search: value head off; constant stub (no model call).
   off = timed_search("value head off", params.replace(value=None), from_steps)

@@ -32,8 +32,9 @@ Step decoding. `tree_step` writes each token into the pages as it goes. A search
 whole step of up to T tokens for K children of W parents uses the step-level path instead:
 `gather_ancestors` reads the parents' suffixes from the pages once, `step_decode` runs one
 token of every row into a dense per-step buffer (attending prompt, parent suffix and buffer:
-three partial softmaxes), and `commit_steps` writes the finished steps into fresh pages once
-(one allocation, one scatter). The token loop then never reads or writes the page pool.
+one softmax over the three, each read by its own matmul in a head-major layout laid out once
+per expansion), and `commit_steps` writes the finished steps into fresh pages once (one
+allocation, one scatter). The token loop then never reads or writes the page pool.
 """
 
 from __future__ import annotations
@@ -452,21 +453,33 @@ def _gather_pages(layer_pages: jax.Array, tables: jax.Array) -> jax.Array:
 
 
 def _project_qkv(layer: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, *, num_heads: int,
-                 num_kv_heads: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 num_kv_heads: int, head_dim: int,
+                 fused: dict[str, jax.Array] | None = None) -> tuple[jax.Array, jax.Array,
+                                                                     jax.Array]:
   """A Llama block's attention inputs for one new token per row: x [..., D] (R rows) ->
-  q [R, 1, Hq, hd], k [R, 1, Hkv, hd] (both rotated by cos/sin [R, 1, 1, hd]), v [R, Hkv, hd]."""
+  q [R, 1, Hq, hd], k [R, 1, Hkv, hd] (both rotated by cos/sin [R, 1, 1, hd]), v [R, Hkv, hd].
+  `fused` (one layer of `Llama.fused_decode_weights`): q, k, v from one matmul."""
   attn = layer.attn
   h = layer.input_norm(x).reshape(-1, 1, x.shape[-1])
   rows = h.shape[0]
-  q = apply_rotary(attn.q_proj(h).reshape(rows, 1, num_heads, head_dim), cos, sin)
-  k = apply_rotary(attn.k_proj(h).reshape(rows, 1, num_kv_heads, head_dim), cos, sin)
-  return q, k, attn.v_proj(h).reshape(rows, num_kv_heads, head_dim)
+  if fused is not None:
+    qkv = h.astype(fused["qkv"].dtype) @ fused["qkv"]
+    if "qkv_bias" in fused:
+      qkv = qkv + fused["qkv_bias"]
+    nq, nkv = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+  else:
+    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+  q = apply_rotary(q.reshape(rows, 1, num_heads, head_dim), cos, sin)
+  k = apply_rotary(k.reshape(rows, 1, num_kv_heads, head_dim), cos, sin)
+  return q, k, v.reshape(rows, num_kv_heads, head_dim)
 
 
-def _finish_layer(layer: Any, x: jax.Array, attention_out: jax.Array) -> jax.Array:
+def _finish_layer(layer: Any, x: jax.Array, attention_out: jax.Array,
+                  fused: dict[str, jax.Array] | None = None) -> jax.Array:
   """The rest of a Llama block after attention: output projection, residual, MLP, residual."""
   x = x + layer.attn.o_proj(attention_out)
-  return x + layer.mlp(layer.post_attn_norm(x))
+  return x + layer.mlp(layer.post_attn_norm(x), fused)
 
 
 def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: jax.Array,
@@ -540,29 +553,33 @@ def tree_step(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, nodes: ja
 
 @struct.dataclass
 class StepKV:
-  """What the rows of one expansion attend besides their prompt, in dense arrays.
+  """What the rows of one expansion attend, in dense per-layer arrays.
 
   W parent rows per problem, K children per parent, R = W * K child rows per problem. The
-  parents' suffixes are gathered from the pages once per step (`gather_ancestors`); the step's
-  own new tokens go into a dense buffer, one slot per token (`step_decode`), and into pages
-  only once the step is finished (`commit_steps`): the token loop never touches the pool.
+  prompts and the parents' suffixes are laid out once per expansion (`gather_ancestors`); the
+  step's own new tokens go into a dense buffer, one slot per token (`step_decode`), and into
+  pages only once the step is finished (`commit_steps`): the token loop never touches the pool.
+  Every array is head-major ([B, Hkv, ...]), keys with hd before the key axis, values after
+  it: the layouts the token loop's matmuls read directly, so a token copies no key or value.
   """
 
-  parent_keys: jax.Array      # [L, Hkv, B, W, S, hd] parent suffixes, S = max_pages_per_node *
-  parent_values: jax.Array    # [L, Hkv, B, W, S, hd]   page_len (entries >= length masked)
-  parent_lengths: jax.Array   # [B, W] int32 tokens after the prompt of each parent
-  keys: jax.Array             # [L, T, B, W, K, Hkv, hd] the step's new tokens, slot t = token t
-  values: jax.Array           # [L, T, B, W, K, Hkv, hd]
+  prompt_keys: tuple[jax.Array, ...]    # per layer [B, Hkv, hd, P] the prompts (cache.prompt)
+  prompt_values: tuple[jax.Array, ...]  # per layer [B, Hkv, P, hd]
+  parent_keys: tuple[jax.Array, ...]    # per layer [B, Hkv, W, hd, S] parent suffixes,
+  parent_values: tuple[jax.Array, ...]  # per layer [B, Hkv, W, S, hd]   S = max_pages_per_node
+  parent_lengths: jax.Array             # [B, W] int32 tokens after the prompt of each parent
+  keys: tuple[jax.Array, ...]           # per layer [B, Hkv, W, K, hd, T] the step's new tokens,
+  values: tuple[jax.Array, ...]         # per layer [B, Hkv, W, K, T, hd]   slot t = token t
 
-  num_children = property(lambda self: self.keys.shape[4])
-  max_tokens = property(lambda self: self.keys.shape[1])
+  num_children = property(lambda self: self.keys[0].shape[3])
+  max_tokens = property(lambda self: self.keys[0].shape[5])
 
 
 def gather_ancestors(cache: TreeKVCache, parents: jax.Array, *, num_children: int,
                      max_tokens: int) -> StepKV:
-  """The suffixes of parent rows `parents [B, W]` (node ids of problem b; -1 or dead: empty),
-  read from their pages once, and an empty buffer for `max_tokens` new tokens of each of their
-  `num_children` children."""
+  """The prompts and the suffixes of parent rows `parents [B, W]` (node ids of problem b; -1
+  or dead: empty), read once into `StepKV`'s layouts, and an empty buffer for `max_tokens` new
+  tokens of each of their `num_children` children."""
   parents = jnp.asarray(parents, jnp.int32)
   b, w = parents.shape
   safe = jnp.clip(parents, 0)
@@ -570,62 +587,91 @@ def gather_ancestors(cache: TreeKVCache, parents: jax.Array, *, num_children: in
   tables = jnp.clip(cache.node_pages[safe], 0)                            # [B, W, MP]
   n_layers, hkv, _, page_len, hd = cache.page_keys.shape
   s = cache.max_pages_per_node * page_len
+  dtype = cache.page_keys.dtype
 
-  def gather(pool):   # [L, Hkv, B, W, MP, PL, hd] -> [L, Hkv, B, W, S, hd]
-    return pool[:, :, tables].reshape(n_layers, hkv, b, w, s, hd)
+  def suffix(pool, layer):   # [L, Hkv, P, PL, hd] -> [B, Hkv, W, S, hd] of one layer
+    return jnp.moveaxis(pool[layer][:, tables].reshape(hkv, b, w, s, hd), 0, 1)
 
-  buffer = jnp.zeros((n_layers, max_tokens, b, w, num_children, hkv, hd), cache.page_keys.dtype)
-  return StepKV(parent_keys=gather(cache.page_keys), parent_values=gather(cache.page_values),
-                parent_lengths=jnp.where(live, cache.node_length[safe], 0),
-                keys=buffer, values=buffer)
+  layers = range(n_layers)
+  prompt = cache.prompt                                                   # [L, B, P, Hkv, hd]
+  key_buffer = jnp.zeros((b, hkv, w, num_children, hd, max_tokens), dtype)
+  value_buffer = jnp.zeros((b, hkv, w, num_children, max_tokens, hd), dtype)
+  return StepKV(
+      prompt_keys=tuple(jnp.transpose(prompt.keys[i], (0, 2, 3, 1)) for i in layers),
+      prompt_values=tuple(jnp.transpose(prompt.values[i], (0, 2, 1, 3)) for i in layers),
+      parent_keys=tuple(jnp.swapaxes(suffix(cache.page_keys, i), -1, -2) for i in layers),
+      parent_values=tuple(suffix(cache.page_values, i) for i in layers),
+      parent_lengths=jnp.where(live, cache.node_length[safe], 0),
+      keys=(key_buffer,) * n_layers, values=(value_buffer,) * n_layers)
 
 
 def step_decode(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, kv: StepKV,
-                t: jax.Array, tokens: jax.Array) -> tuple[StepKV, TreeStep]:
+                t: jax.Array, tokens: jax.Array,
+                fused: list[dict[str, jax.Array]] | None = None) -> tuple[StepKV, TreeStep]:
   """Token t of every child row's step: row (b, w * K + k) feeds `tokens[b, w * K + k]` at
   position prompt_length[b] + parent_length[b, w] + t; its key/value goes into buffer slot t and
-  its query attends b's prompt, its parent's suffix and its own tokens 0..t (three partial
-  softmaxes merged by log-sum-exp). Reads `cache.prompt` only: the pool is not touched.
+  its query attends b's prompt, its parent's suffix and its own tokens 0..t (one softmax over
+  the three, each read through its own matmul). Reads `cache.prompt.lengths` only: the pool is
+  not touched.
 
   Args:
     graphdef, params: `nnx.split` of a `Llama`.
     kv: from `gather_ancestors` (slots < t filled by earlier calls).
     t: [] int32 token index in the step (< kv.max_tokens).
     tokens: [B, W * K] int32.
+    fused: `Llama.fused_decode_weights()` (built once by the caller, outside its token loop),
+      or None for the separate projections.
   Returns:
     (kv, `TreeStep` [B, W * K] at the new tokens; `written` all True: nothing is written to the
     pages before `commit_steps`).
   """
   tokens = jnp.asarray(tokens, jnp.int32)
-  _, t_max, b, w, k, hkv, hd = kv.keys.shape
+  b, hkv, w, k, hd, t_max = kv.keys[0].shape
   model = nnx.merge(graphdef, params)
   config = model.config
   hq = config.num_heads
+  g = hq // hkv
   positions = cache.prompt.lengths[:, None] + kv.parent_lengths + t               # [B, W]
   cos, sin = rotary_tables(config, jnp.repeat(positions.reshape(-1), k)[:, None])  # [BWK,1,1,hd]
   scale = 1.0 / math.sqrt(hd)
-  prompt_mask = (jnp.arange(cache.prompt.keys.shape[2])[None, :]
-                 < cache.prompt.lengths[:, None])[:, None, None, None, None, :]  # [B,1,1,1,1,P]
-  parent_mask = (jnp.arange(kv.parent_keys.shape[4])[None, None, :]
-                 < kv.parent_lengths[:, :, None])[:, :, None, None, None, :]    # [B,W,1,1,1,S]
-  own_mask = jnp.arange(t_max) <= t                                             # [T]
-  keys, values = kv.keys, kv.values
+  p, s = kv.prompt_keys[0].shape[-1], kv.parent_keys[0].shape[-1]
+  # Scores [B, Hkv, W, K, G, P + S + T]: the prompt's keys, the parent's, the step's own.
+  mask = jnp.concatenate([
+      jnp.broadcast_to((jnp.arange(p)[None, :] < cache.prompt.lengths[:, None])[:, None, :],
+                       (b, w, p)),
+      jnp.arange(s)[None, None, :] < kv.parent_lengths[:, :, None],
+      jnp.broadcast_to(jnp.arange(t_max) <= t, (b, w, t_max))], axis=-1)[:, None, :, None,
+                                                                          None, :]
+  keys, values = list(kv.keys), list(kv.values)
   x = model.embed(tokens)                                                       # [B, WK, D]
   for i, layer in enumerate(model.layers):
+    layer_fused = None if fused is None else fused[i]
     q, new_k, new_v = _project_qkv(layer, x, cos, sin, num_heads=hq, num_kv_heads=hkv,
-                                   head_dim=hd)
-    keys = keys.at[i, t].set(new_k.reshape(b, w, k, hkv, hd).astype(keys.dtype))
-    values = values.at[i, t].set(new_v.reshape(b, w, k, hkv, hd).astype(values.dtype))
-    q32 = q.reshape(b, w, k, hkv, hq // hkv, hd).astype(jnp.float32)
-    out = _merge_parts([
-        _attention_part("bwchgd,bphd->bwchgp", q32, cache.prompt.keys[i],
-                        cache.prompt.values[i], prompt_mask, scale),
-        _attention_part("bwchgd,hbwsd->bwchgs", q32, kv.parent_keys[i], kv.parent_values[i],
-                        parent_mask, scale),
-        _attention_part("bwchgd,tbwchd->bwchgt", q32, keys[i], values[i], own_mask, scale)])
-    x = _finish_layer(layer, x, out.reshape(b, w * k, hq * hd).astype(x.dtype))
+                                   head_dim=hd, fused=layer_fused)
+    # Head-major [B, Hkv, W, K, ...]: the layout every part of the attention reads.
+    new_k = jnp.transpose(new_k.reshape(b, w, k, hkv, hd), (0, 3, 1, 2, 4))
+    new_v = jnp.transpose(new_v.reshape(b, w, k, hkv, hd), (0, 3, 1, 2, 4))
+    keys[i] = jax.lax.dynamic_update_slice_in_dim(
+        keys[i], new_k[..., None].astype(keys[i].dtype), t, axis=5)
+    values[i] = jax.lax.dynamic_update_slice_in_dim(
+        values[i], new_v[..., None, :].astype(values[i].dtype), t, axis=4)
+    q32 = jnp.transpose(q.reshape(b, w, k, hkv, g, hd), (0, 3, 1, 2, 4, 5)).astype(jnp.float32)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    scores = jnp.concatenate([
+        jnp.einsum("bhwcgd,bhdp->bhwcgp", q32, f32(kv.prompt_keys[i])),
+        jnp.einsum("bhwcgd,bhwds->bhwcgs", q32, f32(kv.parent_keys[i])),
+        jnp.einsum("bhwcgd,bhwcdt->bhwcgt", q32, f32(keys[i]))], axis=-1) * scale
+    # Every row attends at least its own token t, so the max is finite.
+    scores = jnp.where(mask, scores, -jnp.inf)
+    probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    out = (jnp.einsum("bhwcgp,bhpd->bhwcgd", probs[..., :p], f32(kv.prompt_values[i]))
+           + jnp.einsum("bhwcgs,bhwsd->bhwcgd", probs[..., p:p + s], f32(kv.parent_values[i]))
+           + jnp.einsum("bhwcgt,bhwctd->bhwcgd", probs[..., p + s:], f32(values[i])))
+    out = jnp.transpose(out, (0, 2, 3, 1, 4, 5)).reshape(b, w * k, hq * hd)
+    x = _finish_layer(layer, x, out.astype(x.dtype), layer_fused)
   hidden = model.final_norm(x)
-  return kv.replace(keys=keys, values=values), TreeStep(
+  return kv.replace(keys=tuple(keys), values=tuple(values)), TreeStep(
       logits=model.logits(hidden), hidden=hidden, written=jnp.ones((b, w * k), bool))
 
 
@@ -648,7 +694,8 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
     (cache, committed [B, W * K] bool: the row's tokens are in its node).
   """
   children = jnp.asarray(children, jnp.int32)
-  n_layers, t_max, b, w, k, hkv, hd = kv.keys.shape
+  b, hkv, w, k, hd, t_max = kv.keys[0].shape
+  n_layers = len(kv.keys)
   r, page_len, mp = b * w * k, cache.page_len, cache.max_pages_per_node
   flat = children.reshape(-1)
   safe = jnp.clip(flat, 0)
@@ -675,7 +722,8 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
   def tail(pool, buffer):
     prefix = pool[:, :, jnp.clip(old, 0)]                             # [L, Hkv, R, PL, hd]
     prefix = jnp.pad(prefix, ((0, 0), (0, 0), (0, 0), (0, (max_new - 1) * page_len), (0, 0)))
-    new = jnp.moveaxis(buffer.reshape(n_layers, t_max, r, hkv, hd), 3, 1)    # [L, Hkv, T, R, hd]
+    new = buffer.reshape(n_layers, t_max, r, hkv, hd)
+    new = jnp.moveaxis(new, 3, 1)                                     # [L, Hkv, T, R, hd]
     new = jnp.take_along_axis(new, src.T[None, None, :, :, None], axis=2)   # [L,Hkv,S,R,hd]
     rows = jnp.where(keep_old.T[None, None, :, :, None], jnp.moveaxis(prefix, 3, 2), new)
     rows = jnp.moveaxis(rows, 2, 3).reshape(n_layers, hkv, r * max_new, page_len, hd)
@@ -689,7 +737,10 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
   written = jnp.where(ok, n, 0)
   problems = jnp.repeat(jnp.arange(b, dtype=jnp.int32), w * k)
   cache = cache.replace(
-      page_keys=tail(cache.page_keys, kv.keys), page_values=tail(cache.page_values, kv.values),
+      # The buffers back in the old [L, T, B, W, K, Hkv, hd] layout, once per step.
+      page_keys=tail(cache.page_keys, jnp.stack(kv.keys).transpose(0, 6, 1, 3, 4, 2, 5)),
+      page_values=tail(cache.page_values,
+                       jnp.stack(kv.values).transpose(0, 5, 1, 3, 4, 2, 6)),
       page_refcount=refcount,
       node_pages=cache.node_pages.at[rows, jnp.clip(cols, 0, mp - 1)].set(fresh, mode="drop"),
       node_length=cache.node_length.at[_drop_index(jnp.where(ok, flat, -1), cache.max_nodes)]

@@ -308,12 +308,15 @@ def expand_steps(params: PolicyValueParams, rng_key: jax.Array, tree: StepTree,
     log_prob=jnp.zeros((r,), jnp.float32), active=made, ended=jnp.zeros((r,), bool),
     eos=jnp.zeros((r,), bool), calls=jnp.zeros((), jnp.int32))
 
+  fused = model.fused_decode_weights()   # built once, outside the token loop
+
   def cond(s: _StepLoop):
     return (s.t < t_max) & jnp.any(s.active)
 
   def body(s: _StepLoop) -> _StepLoop:
     tok, lp, _ = sample_tokens(s.logits, jax.random.fold_in(rng_key, s.t), sampling)
-    kv, out = step_decode(graphdef, params.policy, cache, s.kv, s.t, tok.reshape(b, w * k))
+    kv, out = step_decode(graphdef, params.policy, cache, s.kv, s.t, tok.reshape(b, w * k),
+                          fused)
     fed = s.active
     is_stop = jnp.any(tok[:, None] == stop[None, :], axis=1)
     is_eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=1)

@@ -1,11 +1,14 @@
 """The main job in a few minutes on a CPU: reasoning searches, jitted and batched.
 
-    python -m experiments.search_demo [n_problems=64] [gsm8k=true] [out=DIR]
+    python -m experiments.search_demo [n_problems=128] [gsm8k=true] [verifier=committed] [out=DIR]
 
 1. Arithmetic word problems (test split) solved by the committed small policy with greedy
    decoding, majority@N, MCTS and value-guided beam search: accuracy, tokens decoded per
    problem and tokens/s for each (every method is one jitted program over the whole batch, on
-   a tree KV cache: each prompt prefilled once, no token decoded twice).
+   a tree KV cache: each prompt prefilled once, no token decoded twice). MCTS and beam read
+   their values from the committed step verifier (`experiments.verifier_probe`: each reasoning
+   line checked alone); `verifier=""` uses the policy's outcome value head instead, which
+   cannot tell a problem's right solutions from its wrong ones (search lands below greedy).
 2. One GSM8K test question searched by MCTS with SmolLM2-135M-Instruct; the search tree is
    printed (each line a reasoning step with its value; `*` marks the chosen path).
 """
@@ -35,27 +38,39 @@ from qstar_jax.training.config import parse_config
 from qstar_jax.training.progress import progress
 from qstar_jax.training.results import markdown_table
 
+COMMITTED_VERIFIER = (pathlib.Path(__file__).resolve().parent
+                      / "results/cpu_2026-12-01/verifier_probe/step_verifier")
+
 
 @dataclasses.dataclass(frozen=True)
 class SearchDemoConfig:
-  n_problems: int = 64
+  n_problems: int = 128
   methods: tuple[str, ...] = ("greedy", "majority", "mcts", "beam")
-  budget: SearchBudget = SearchBudget(num_samples=8, beam_width=4, expansions=2,
-                                      mcts_actions=3, mcts_simulations=3, max_depth=6)
+  # The budgets of `search_scaling preset=cpu` (majority@16, beam 4 x 4, MCTS 4 actions x 7
+  # simulations per decision: 14-16x greedy's tokens).
+  budget: SearchBudget = SearchBudget(mcts_simulations=7, max_depth=6)
   gsm8k: bool = True
   gsm8k_index: int = 0
   gsm8k_model: str = "smollm2"
   gsm8k_budget: SearchBudget = SearchBudget(mcts_actions=2, mcts_simulations=2, temperature=0.7,
                                             max_depth=4)
   gsm8k_step_tokens: int = 32
+  # "committed": the step verifier in results/ (COMMITTED_VERIFIER); "" = the value head; or
+  # a folder written by experiments.verifier_probe.
+  verifier: str = "committed"
   seed: int = 0
   out: str | None = None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = parse_config(SearchDemoConfig, sys.argv[1:] if argv is None else argv, presets_dir=None)
-  task = arithmetic_task(ArithmeticTask(n_problems=cfg.n_problems, batch=cfg.n_problems))
-  print(f"arithmetic: {cfg.n_problems} test problems, e.g.\n  {task.questions[0]}\n")
+  verifier = str(COMMITTED_VERIFIER) if cfg.verifier == "committed" else cfg.verifier
+  task = arithmetic_task(ArithmeticTask(n_problems=cfg.n_problems, batch=cfg.n_problems,
+                                        verifier=verifier))
+  scored_by = ("the step verifier " + ("(committed)" if cfg.verifier == "committed" else
+                                       verifier)) if verifier else "the policy's value head"
+  print(f"arithmetic: {cfg.n_problems} test problems, MCTS and beam scored by {scored_by}; "
+        f"e.g.\n  {task.questions[0]}\n")
   rows, summary = [], {}
   bar = progress(total=len(cfg.methods) * cfg.n_problems, desc="arithmetic", unit="problem",
                  force=True)

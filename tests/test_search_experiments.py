@@ -42,3 +42,4 @@ def test_search_demo_arithmetic_part(tmp_path, capsys):
   assert json.loads((tmp_path / "results.json").read_text()) == summary
   printed = capsys.readouterr().out
   assert "| greedy |" in printed and "| mcts |" in printed
+  assert "scored by the step verifier (committed)" in printed

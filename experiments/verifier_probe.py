@@ -207,9 +207,11 @@ def probe_lines(cfg: VerifierProbeConfig, policy: ArithmeticPolicy,
   kw = dict(bos_id=policy.bos_id, newline_id=policy.newline_id, eos_id=policy.eos_id)
   train = step_verifier_data(cfg.seed + 1, c.train_problems, "train", policy.tokenizer, **kw)
   test = step_verifier_data(cfg.seed, c.test_problems, "test", policy.tokenizer, **kw)
-  params, record = train_step_verifier(policy.graphdef, policy.params, train, test, c.train,
-                                       hidden_size=policy.model_config.hidden_size,
-                                       pad_id=policy.pad_id)
+  params, record = train_step_verifier(
+    policy.graphdef, policy.params, train, test, c.train,
+    hidden_size=policy.model_config.hidden_size, pad_id=policy.pad_id,
+    out_dir=out / "verifier_run",
+    run_config={"lines": config_to_dict(c), "seed": cfg.seed, "policy": cfg.policy})
   folder = out / "step_verifier"
   save_trained_policy(folder, policy, params["model"], params["head"],
                       training={"kind": "step_verifier", "config": config_to_dict(c)},
@@ -273,7 +275,7 @@ def make_table(results: dict[str, Any]) -> str:
   md += [f"## Lines: a value model trained to check 'a op b = c' ({lines['train_lines']} train "
          f"lines, {lines['test_lines']} held out, "
          f"{100 * lines['test_correct_fraction']:.0f}% correct)", "",
-         markdown_table(["step", "loss", "accuracy %", *[f"'{op}' %" for op in ops]],
+         markdown_table(["step", "held-out loss", "accuracy %", *[f"'{op}' %" for op in ops]],
                         [[h["step"], h["loss"], 100 * h["accuracy"],
                           *[100 * h["by_kind"][op] for op in ops]] for h in lines["history"]],
                         floatfmt=".3f"), ""]

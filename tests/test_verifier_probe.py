@@ -4,6 +4,7 @@ end."""
 import json
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,7 +15,13 @@ from qstar_jax.models.tokenizer import train_sentencepiece
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.scorers import StepVerifier
 from qstar_jax.search.steps.tasks import ArithmeticTask, arithmetic_task, evaluate
-from qstar_jax.training.step_verifier import LINE_OFFSETS, step_verifier_data
+from qstar_jax.training.checkpoint import CheckpointConfigMismatchError
+from qstar_jax.training.step_verifier import (
+  LINE_OFFSETS,
+  StepVerifierConfig,
+  step_verifier_data,
+  train_step_verifier,
+)
 
 
 def test_sample_metrics_by_hand():
@@ -61,6 +68,35 @@ def test_line_data_labels_and_balance():
       assert c - right in LINE_OFFSETS
   with pytest.raises(ValueError, match="wrong_fraction=1.5"):
     step_verifier_data(0, 2, "train", policy.tokenizer, wrong_fraction=1.5, **kw)
+
+
+def test_step_verifier_stopped_and_rerun_equals_uninterrupted(tmp_path):
+  policy = load_arithmetic_policy()
+  kw = dict(bos_id=policy.bos_id, newline_id=policy.newline_id, eos_id=policy.eos_id)
+  train = step_verifier_data(1, 16, "train", policy.tokenizer, **kw)
+  test = step_verifier_data(0, 4, "test", policy.tokenizer, **kw)
+  cfg = StepVerifierConfig(steps=4, batch_size=8, eval_every=2, checkpoint_every=1)
+  args = (policy.graphdef, policy.params, train, test, cfg)
+  common = dict(hidden_size=policy.model_config.hidden_size, pad_id=policy.pad_id)
+  full_params, full = train_step_verifier(*args, **common, out_dir=tmp_path / "full")
+  assert full["resumed_from"] is None and [h["step"] for h in full["history"]] == [0, 2, 4]
+  # max_seconds ~ 0: the run stops (and checkpoints) after its first step, as a kill would.
+  _, cut = train_step_verifier(*args, **common, out_dir=tmp_path / "cut", max_seconds=1e-9)
+  assert cut["steps"] == 1
+  params, resumed = train_step_verifier(*args, **common, out_dir=tmp_path / "cut")
+  assert resumed["resumed_from"] == 1 and resumed["steps"] == 4
+  for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The history is read back from metrics.jsonl: the evaluations before the stop are kept.
+  at = {h["step"]: h for h in resumed["history"]}
+  assert sorted(at) == [0, 1, 2, 4]
+  for h in full["history"]:
+    assert at[h["step"]] == h
+  # The folder belongs to this run: other settings are refused.
+  with pytest.raises(CheckpointConfigMismatchError, match="batch_size"):
+    train_step_verifier(policy.graphdef, policy.params, train, test,
+                        StepVerifierConfig(steps=4, batch_size=4, eval_every=2), **common,
+                        out_dir=tmp_path / "cut")
 
 
 def test_tiny_preset_end_to_end(tmp_path):

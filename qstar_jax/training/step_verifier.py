@@ -14,26 +14,31 @@ no arithmetic and are labelled correct.
 node's steps of ``P(step correct)``.
 
 - `step_verifier_data(seed, n_problems, split, tokenizer, ...)`: the labelled lines.
-- `train_step_verifier(policy, train, test, cfg)`: the trained model and its held-out accuracy
-  per line kind along training.
+- `train_step_verifier(policy, train, test, cfg, out_dir=...)`: the trained model and its
+  held-out accuracy per line kind along training (the project's train loop: orbax checkpoints,
+  auto-resume, metrics.jsonl + TensorBoard).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import random
 import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from qstar_jax.envs.arithmetic import OPERATIONS, generate_problems, parse_step
 from qstar_jax.search.steps.scorers import line_logits
-from qstar_jax.training.optim import OptimizerConfig, make_optimizer
-from qstar_jax.training.progress import progress
+from qstar_jax.training.metrics import read_metrics
+from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
+from qstar_jax.training.train_loop import TrainLoopConfig, evaluate, make_eval_step
+from qstar_jax.training.train_loop import train as run_train_loop
 
 __all__ = ["LINE_OFFSETS", "StepVerifierConfig", "VerifierLines", "step_verifier_data",
            "train_step_verifier"]
@@ -91,6 +96,8 @@ class StepVerifierConfig:
   eval_every: int = 250
   seed: int = 0
   optim: OptimizerConfig = OptimizerConfig(lr=3e-3, warmup_steps=50, weight_decay=0.01)
+  checkpoint_every: int = 500     # 0: only at the end
+  log_every: int = 50
 
 
 def _pad(lines: VerifierLines, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -102,12 +109,21 @@ def _pad(lines: VerifierLines, width: int, pad_id: int) -> tuple[np.ndarray, np.
 
 def train_step_verifier(graphdef: Any, policy_params: Any, train: VerifierLines,
                         test: VerifierLines, cfg: StepVerifierConfig, *, hidden_size: int,
-                        pad_id: int) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Trains the verifier from the policy's Llama (a zero head: every line starts at P = 1/2).
+                        pad_id: int, out_dir: str | os.PathLike,
+                        run_config: Mapping[str, Any] | None = None,
+                        show_progress: bool | None = None,
+                        max_seconds: float = 0.0) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Trains the verifier from the policy's Llama (a zero head: every line starts at P = 1/2) on
+  the project's train loop: ``out_dir`` gets ``checkpoints/`` (orbax; a killed run rerun with
+  the same arguments resumes from its last checkpoint, same batches) and ``metrics.jsonl``
+  (+ TensorBoard). Batch i is ``batch_size`` lines drawn uniformly (the i-th draw of
+  ``np.random.default_rng(cfg.seed)``). ``max_seconds`` > 0 stops it (checkpointed) once that
+  much time has passed.
 
   Returns:
     (params ``{"model", "head"}``, record: ``history`` [{"step", "loss", "accuracy",
-    "by_kind": {kind: accuracy}}] on ``test`` (step 0 first), ``seconds``, sizes).
+    "by_kind": {kind: accuracy}}] on ``test`` (step 0 first; ``loss`` is the test loss),
+    ``seconds`` (this call's), sizes).
 
   Raises:
     ValueError: empty data, or a batch size, step count or evaluation period below 1.
@@ -120,41 +136,68 @@ def train_step_verifier(graphdef: Any, policy_params: Any, train: VerifierLines,
   width = max(len(s) for s in train.ids + test.ids)
   train_tokens, train_last = _pad(train, width, pad_id)
   test_tokens, test_last = _pad(test, width, pad_id)
+  kinds = [k for k in (*OPERATIONS, ANSWER_KIND) if k in set(test.kinds)]
+  test_batch = {"tokens": test_tokens, "last": test_last,
+                "y": test.correct.astype(np.float32),
+                "kind": np.array([kinds.index(k) for k in test.kinds], np.int32)}
   params = {"model": policy_params,
             "head": {"kernel": jnp.zeros((hidden_size, 1), jnp.float32),
                      "bias": jnp.zeros(1, jnp.float32)}}
 
-  def loss_fn(p, tokens, last, y):
-    return optax.sigmoid_binary_cross_entropy(line_logits(graphdef, p, tokens, last), y).mean()
+  def scored(p, batch):
+    logits = line_logits(graphdef, p, batch["tokens"], batch["last"])
+    loss = optax.sigmoid_binary_cross_entropy(logits, batch["y"]).mean()
+    return loss, (logits > 0) == (batch["y"] > 0.5)
 
-  tx = make_optimizer(cfg.optim, total_steps=cfg.steps)
-  opt_state = tx.init(params)
+  def loss_fn(p, batch, rng_key):
+    loss, right = scored(p, batch)
+    return loss, {"accuracy": jnp.mean(right)}
 
-  @jax.jit
-  def step(p, s, tokens, last, y):
-    loss, grads = jax.value_and_grad(loss_fn)(p, tokens, last, y)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
+  def eval_loss_fn(p, batch):
+    # Integer counts (exact on the host; the test set is one batch) beside float32 accuracies.
+    loss, right = scored(p, batch)
+    aux = {"accuracy": jnp.mean(right), "right": jnp.sum(right)}
+    for j, kind in enumerate(kinds):
+      mine = batch["kind"] == j
+      aux[f"accuracy/{kind}"] = jnp.sum(right & mine) / jnp.sum(mine)
+      aux[f"right/{kind}"] = jnp.sum(right & mine)
+    return loss, aux
 
-  predict = jax.jit(lambda p, t, last: line_logits(graphdef, p, t, last))
-  kinds = np.array(test.kinds)
+  def batches(start_step: int) -> Iterator[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(cfg.seed)
+    for _ in range(start_step):   # the draws of the steps already done
+      rng.integers(0, len(train), cfg.batch_size)
+    while True:
+      rows = rng.integers(0, len(train), cfg.batch_size)
+      yield {"tokens": train_tokens[rows], "last": train_last[rows],
+             "y": train.correct[rows].astype(np.float32)}
 
-  def evaluate(i: int, loss: float) -> dict[str, Any]:
-    right = (np.asarray(predict(params, test_tokens, test_last)) > 0) == test.correct
-    return {"step": i, "loss": loss, "accuracy": float(right.mean()),
-            "by_kind": {k: float(right[kinds == k].mean())
-                        for k in (*OPERATIONS, ANSWER_KIND) if (kinds == k).any()}}
+  per_kind = {k: test.kinds.count(k) for k in kinds}
 
-  rng = np.random.default_rng(cfg.seed)
-  history = [evaluate(0, float("nan"))]
+  def entry(step: int, means: Mapping[str, float]) -> dict[str, Any]:
+    return {"step": step, "loss": float(means["loss"]),
+            "accuracy": means["right"] / len(test),
+            "by_kind": {k: means[f"right/{k}"] / per_kind[k] for k in kinds}}
+
+  out_dir = pathlib.Path(out_dir)
+  loop = TrainLoopConfig(num_steps=cfg.steps, eval_every=cfg.eval_every,
+                         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every,
+                         seed=cfg.seed)
+  run_config = dict(run_config or {"step_verifier": dataclasses.asdict(cfg)})
+  run_config["data"] = {"train_lines": len(train), "test_lines": len(test), "width": width}
   t0 = time.perf_counter()
-  for i in progress(range(1, cfg.steps + 1), desc="step verifier", unit="step"):
-    rows = rng.integers(0, len(train), cfg.batch_size)
-    params, opt_state, loss = step(params, opt_state, train_tokens[rows], train_last[rows],
-                                   train.correct[rows].astype(np.float32))
-    if i % cfg.eval_every == 0 or i == cfg.steps:
-      history.append(evaluate(i, float(loss)))
-  return params, {"history": history, "seconds": time.perf_counter() - t0,
-                  "train_lines": len(train), "test_lines": len(test),
-                  "test_correct_fraction": float(test.correct.mean())}
-
+  first = evaluate(make_eval_step(eval_loss_fn), params, [test_batch])
+  result = run_train_loop(loss_fn, params, optimizer=make_optimizer(cfg.optim, total_steps=cfg.steps),
+                 train_batches=batches, config=loop, out_dir=out_dir, run_config=run_config,
+                 eval_loss_fn=eval_loss_fn, eval_batches=lambda: [test_batch],
+                 lr_fn=lr_schedule(cfg.optim, total_steps=cfg.steps),
+                 show_progress=show_progress, progress_desc="step verifier",
+                 max_seconds=max_seconds)
+  # The evaluations of every call (a resumed run's earlier ones too) from metrics.jsonl.
+  evals = {int(r["step"]): {k[len("eval/"):]: v for k, v in r.items() if k.startswith("eval/")}
+           for r in read_metrics(out_dir) if any(k.startswith("eval/") for k in r)}
+  history = [entry(0, first)] + [entry(step, evals[step]) for step in sorted(evals)]
+  return result.params, {"history": history, "seconds": time.perf_counter() - t0,
+                         "resumed_from": result.resumed_from, "steps": result.step,
+                         "train_lines": len(train), "test_lines": len(test),
+                         "test_correct_fraction": float(test.correct.mean())}

@@ -15,7 +15,11 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    -> `out/seed{s}/pairs.jsonl`.
 3. Q-model, per seed: step-DPO (`run_preference(..., mean_tokens=True)`) initialised from A,
    reference = A (frozen), on the pairs of all but a held-out share of the problems; its pair
-   accuracy (Q(chosen) > Q(rejected)) on the held-out pairs is the quick diagnostic.
+   accuracy (Q(chosen) > Q(rejected)) on the held-out pairs is the quick diagnostic. With
+   `qmodel.synthetic_problems=N` the training pairs also hold one pair per line of the
+   reference solutions of N other train problems (the line vs the same line with a perturbed
+   result: `training.step_verifier.synthetic_step_pairs`), labelled steps in volume; the
+   held-out pairs stay MCTS pairs only.
 4. Evaluation on test problems (`generate_problems(seed, n, split="test")`), per seed and
    policy: greedy, and Q-guided selection: K candidate steps sampled from the policy, the one of
    highest `Q = beta * mean_tokens(log pi_q - log pi_A)` kept (`tasks.evaluate` with the
@@ -105,6 +109,7 @@ from qstar_jax.training.results import (
   write_results,
 )
 from qstar_jax.training.run_setup import setup_run, sync_processes
+from qstar_jax.training.step_verifier import synthetic_step_pairs
 from qstar_jax.training.train_loop import TrainLoopConfig
 from qstar_jax.training.value_learning import check_reference_vocabulary, dpo_loss_fn
 from qstar_jax.training.value_runs import ValueRunConfig, run_preference
@@ -113,6 +118,9 @@ PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "qvalue_stepdpo"
 
 # Zhai et al. 2024, Phi-3-mini: relative gain of Q-guided selection over the policy alone.
 PAPER_RELATIVE_GAINS = {"WebShop": 1.03, "HotPotQA": 0.75}
+# Synthetic step pairs of seed s come from generate_problems(SYNTHETIC_SEED_BASE + s, ...,
+# "train"): train problems other than the annotated ones.
+SYNTHETIC_SEED_BASE = 1000
 # The acceptance: Q-guided >= 20% relative above greedy for the data-generating policy.
 TARGET_RELATIVE_GAIN = 0.20
 
@@ -148,6 +156,10 @@ class AnnotationConfig:
 class QModelConfig:
   beta: float = 0.1               # step-DPO beta (also the Q scale at selection)
   holdout_fraction: float = 0.2   # share of the annotated problems whose pairs are held out
+  # arithmetic: step pairs from the reference solutions of this many train problems
+  # (`training.step_verifier.synthetic_step_pairs`: each line vs the same line with a perturbed
+  # result) added to the MCTS pairs of the training share; 0 = MCTS pairs only.
+  synthetic_problems: int = 0
   run: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
     num_steps=100, batch_size=16,
     optim=OptimizerConfig(lr=1e-4, warmup_steps=15, weight_decay=0.0), checkpoint_every=50))
@@ -502,6 +514,15 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
   pairs, counts = step_pairs(cfg, folder)
   train_pairs, heldout = holdout_split(pairs, num_records=annotation["num_problems"],
                                        fraction=q.holdout_fraction, seed=seed)
+  synthetic = []
+  if q.synthetic_problems:
+    if cfg.task != "arithmetic":
+      raise ValueError(f"qmodel.synthetic_problems={q.synthetic_problems}: synthetic step pairs "
+                       f"exist for task=arithmetic only (task={cfg.task!r})")
+    synthetic = synthetic_step_pairs(
+      generate_problems(SYNTHETIC_SEED_BASE + seed, q.synthetic_problems, split="train"),
+      policy.tokenizer, prompt=policy.prompt, newline_id=policy.spec.stop_ids[0], seed=seed)
+    train_pairs = [*train_pairs, *synthetic]
   t0 = time.perf_counter()
   # A copy: the train loop's updates must never touch the reference's buffers.
   result = run_preference(
@@ -514,7 +535,8 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
     accuracy = functools.partial(pair_accuracy, policy.graphdef, result.params, policy.params,
                                  beta=q.beta, pad_id=policy.spec.pad_id)
     record = write_json(folder / "qmodel.json", {
-      "pairs": counts, "train_pairs": len(train_pairs), "heldout_pairs": len(heldout), "steps": result.step,
+      "pairs": counts, "synthetic_pairs": len(synthetic), "train_pairs": len(train_pairs),
+      "heldout_pairs": len(heldout), "steps": result.step,
       "resumed_from": result.resumed_from, "last_train_loss": result.last_train_loss,
       "seconds": seconds, "steps_per_s": result.steps_per_s,
       "heldout_pair_accuracy": accuracy(heldout), "train_pair_accuracy": accuracy(train_pairs),

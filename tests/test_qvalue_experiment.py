@@ -120,6 +120,10 @@ def test_tiny_preset_end_to_end_and_rerun_from_files(tmp_path):
   seed = saved["seeds"][0]
   assert seed["annotation"]["num_problems"] == 4
   assert seed["qmodel"]["steps"] == 2
+  # The tiny preset adds the synthetic pairs of 2 train problems (one per operation line).
+  synthetic = sum(p.num_steps for p in generate_problems(qv.SYNTHETIC_SEED_BASE, 2, split="train"))
+  assert seed["qmodel"]["synthetic_pairs"] == synthetic
+  assert seed["qmodel"]["train_pairs"] >= synthetic
   for name in ("annotations.jsonl", "pairs.jsonl", "annotation.json", "qmodel.json",
                "eval.json"):
     assert (out / "seed0" / name).is_file()

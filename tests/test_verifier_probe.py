@@ -20,6 +20,7 @@ from qstar_jax.training.step_verifier import (
   LINE_OFFSETS,
   StepVerifierConfig,
   step_verifier_data,
+  synthetic_step_pairs,
   train_step_verifier,
 )
 
@@ -68,6 +69,38 @@ def test_line_data_labels_and_balance():
       assert c - right in LINE_OFFSETS
   with pytest.raises(ValueError, match="wrong_fraction=1.5"):
     step_verifier_data(0, 2, "train", policy.tokenizer, wrong_fraction=1.5, **kw)
+
+
+def test_synthetic_step_pairs_perturb_one_result_in_the_policy_context():
+  policy = load_arithmetic_policy()
+  tok = policy.tokenizer
+  problems = generate_problems(3, 30, split="train")
+
+  def prompt(q):
+    return [policy.bos_id, *tok.encode(f"Q: {q}\n")]
+
+  pairs = synthetic_step_pairs(problems, tok, prompt=prompt, newline_id=policy.newline_id, seed=0)
+  assert len(pairs) == sum(p.num_steps for p in problems)
+  again = synthetic_step_pairs(problems, tok, prompt=prompt, newline_id=policy.newline_id, seed=0)
+  assert [(p.chosen_ids, p.rejected_ids) for p in again] == [(p.chosen_ids, p.rejected_ids)
+                                                            for p in pairs]
+  by_problem = {}
+  for pair in pairs:
+    by_problem.setdefault(pair.record_index, []).append(pair)
+  for j, problem_pairs in by_problem.items():
+    p = problems[j]
+    full = tok.encode(p.solution)
+    for i, pair in enumerate(problem_pairs):
+      assert pair.depth == i
+      # Context: the prompt, then the solution's ids up to this line, as the SFT data has them.
+      earlier = list(pair.context_ids[len(prompt(p.question)):])
+      assert list(pair.context_ids[:len(prompt(p.question))]) == prompt(p.question)
+      assert earlier + list(pair.chosen_ids) == full[:len(earlier) + len(pair.chosen_ids)]
+      assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == policy.newline_id
+      a, op, b, c = parse_step(tok.decode(list(pair.chosen_ids[:-1])))
+      a2, op2, b2, c2 = parse_step(tok.decode(list(pair.rejected_ids[:-1])))
+      assert (a, op, b, c) == parse_step(p.solution_steps[i])
+      assert (a2, op2, b2) == (a, op, b) and c2 - c in LINE_OFFSETS and c2 > 0
 
 
 def test_step_verifier_stopped_and_rerun_equals_uninterrupted(tmp_path):

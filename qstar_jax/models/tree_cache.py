@@ -440,6 +440,10 @@ def cascade_attention(q: jax.Array, prompt_keys: jax.Array, prompt_values: jax.A
   return out.reshape(b, w, hq * hd).astype(q.dtype)
 
 
+def _f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.float32)
+
+
 def _gather_pages(layer_pages: jax.Array, tables: jax.Array) -> jax.Array:
   """[Hkv, num_pages, page_len, hd] through page tables [B, W, MP] -> [B, W, MP*page_len,
   Hkv, hd] (unused entries read page 0 and are masked by the suffix length)."""
@@ -656,18 +660,17 @@ def step_decode(graphdef: nnx.GraphDef, params: Any, cache: TreeKVCache, kv: Ste
     values[i] = jax.lax.dynamic_update_slice_in_dim(
         values[i], new_v[..., None, :].astype(values[i].dtype), t, axis=4)
     q32 = jnp.transpose(q.reshape(b, w, k, hkv, g, hd), (0, 3, 1, 2, 4, 5)).astype(jnp.float32)
-    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     scores = jnp.concatenate([
-        jnp.einsum("bhwcgd,bhdp->bhwcgp", q32, f32(kv.prompt_keys[i])),
-        jnp.einsum("bhwcgd,bhwds->bhwcgs", q32, f32(kv.parent_keys[i])),
-        jnp.einsum("bhwcgd,bhwcdt->bhwcgt", q32, f32(keys[i]))], axis=-1) * scale
+        jnp.einsum("bhwcgd,bhdp->bhwcgp", q32, _f32(kv.prompt_keys[i])),
+        jnp.einsum("bhwcgd,bhwds->bhwcgs", q32, _f32(kv.parent_keys[i])),
+        jnp.einsum("bhwcgd,bhwcdt->bhwcgt", q32, _f32(keys[i]))], axis=-1) * scale
     # Every row attends at least its own token t, so the max is finite.
     scores = jnp.where(mask, scores, -jnp.inf)
     probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
-    out = (jnp.einsum("bhwcgp,bhpd->bhwcgd", probs[..., :p], f32(kv.prompt_values[i]))
-           + jnp.einsum("bhwcgs,bhwsd->bhwcgd", probs[..., p:p + s], f32(kv.parent_values[i]))
-           + jnp.einsum("bhwcgt,bhwctd->bhwcgd", probs[..., p + s:], f32(values[i])))
+    out = (jnp.einsum("bhwcgp,bhpd->bhwcgd", probs[..., :p], _f32(kv.prompt_values[i]))
+           + jnp.einsum("bhwcgs,bhwsd->bhwcgd", probs[..., p:p + s], _f32(kv.parent_values[i]))
+           + jnp.einsum("bhwcgt,bhwctd->bhwcgd", probs[..., p + s:], _f32(values[i])))
     out = jnp.transpose(out, (0, 2, 3, 1, 4, 5)).reshape(b, w * k, hq * hd)
     x = _finish_layer(layer, x, out.astype(x.dtype), layer_fused)
   hidden = model.final_norm(x)

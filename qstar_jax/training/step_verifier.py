@@ -14,6 +14,8 @@ no arithmetic and are labelled correct.
 node's steps of ``P(step correct)``.
 
 - `step_verifier_data(seed, n_problems, split, tokenizer, ...)`: the labelled lines.
+- `synthetic_step_pairs(problems, tokenizer, ...)`: the same perturbation as step preference
+  pairs in the policy's context (step-DPO data in volume, `experiments.qvalue_stepdpo`).
 - `train_step_verifier(policy, train, test, cfg, out_dir=...)`: the trained model and its
   held-out accuracy per line kind along training (the project's train loop: orbax checkpoints,
   auto-resume, metrics.jsonl + TensorBoard).
@@ -26,13 +28,14 @@ import os
 import pathlib
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qstar_jax.data.reasoning import PreferencePair
 from qstar_jax.envs.arithmetic import OPERATIONS, generate_problems, parse_step
 from qstar_jax.search.steps.scorers import line_logits
 from qstar_jax.training.metrics import read_metrics
@@ -40,8 +43,8 @@ from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimize
 from qstar_jax.training.train_loop import TrainLoopConfig, evaluate, make_eval_step
 from qstar_jax.training.train_loop import train as run_train_loop
 
-__all__ = ["LINE_OFFSETS", "StepVerifierConfig", "VerifierLines", "step_verifier_data",
-           "train_step_verifier"]
+__all__ = ["LINE_OFFSETS", "StepVerifierConfig", "VerifierLines", "perturbed_result",
+           "step_verifier_data", "synthetic_step_pairs", "train_step_verifier"]
 
 # Wrong results: the right one plus one of these (kept positive). The committed policy's own
 # wrong results are mostly off by 1..9 (measured: +-1 and +-2 most often), some by 10 or 20.
@@ -78,7 +81,7 @@ def step_verifier_data(seed: int, n_problems: int, split: str, tokenizer: Any, *
       a, op, b, c = parse_step(line)
       ok = rng.random() >= wrong_fraction
       if not ok:
-        c += rng.choice([d for d in LINE_OFFSETS if c + d > 0])
+        c = perturbed_result(c, rng)
       ids.append((bos_id, *tokenizer.encode(f"{a} {op} {b} = {c}"), newline_id))
       correct.append(ok)
       kinds.append(op)
@@ -87,6 +90,53 @@ def step_verifier_data(seed: int, n_problems: int, split: str, tokenizer: Any, *
       correct.append(True)
       kinds.append(ANSWER_KIND)
   return VerifierLines(ids=tuple(ids), correct=np.array(correct, bool), kinds=tuple(kinds))
+
+
+def perturbed_result(c: int, rng: random.Random) -> int:
+  """A wrong result: ``c`` plus an offset of `LINE_OFFSETS` (drawn from ``rng``) keeping it > 0."""
+  return c + rng.choice([d for d in LINE_OFFSETS if c + d > 0])
+
+
+def synthetic_step_pairs(problems: Sequence[Any], tokenizer: Any, *,
+                         prompt: Callable[[str], Sequence[int]], newline_id: int,
+                         seed: int) -> list[PreferencePair]:
+  """Step preference pairs from reference solutions, one per operation line: the context is the
+  policy's prompt and the solution's earlier lines, ``chosen`` the line, ``rejected`` the same
+  line with its result perturbed (`perturbed_result`; the offsets of the policy's own slips).
+
+  Ids are the policy's: the solution text is encoded whole (as in its SFT data) and split after
+  each ``newline_id``, the perturbed solution likewise, so both steps end with the newline.
+  ``record_index`` is the problem's index, ``depth`` the line's; Q-values are 1 and 0.
+  """
+  rng = random.Random(f"qstar_jax.synthetic_step_pairs.{seed}")
+
+  def lines(ids: Sequence[int]) -> list[tuple[int, ...]]:
+    out, cur = [], []
+    for t in ids:
+      cur.append(t)
+      if t == newline_id:
+        out.append(tuple(cur))
+        cur = []
+    return out + ([tuple(cur)] if cur else [])
+
+  pairs = []
+  for j, p in enumerate(problems):
+    context = list(prompt(p.question))
+    good = lines(tokenizer.encode(p.solution))
+    texts = p.solution.split("\n")
+    for i, line in enumerate(p.solution_steps):
+      a, op, b, c = parse_step(line)
+      wrong = f"{a} {op} {b} = {perturbed_result(c, rng)}"
+      bad = lines(tokenizer.encode("\n".join([*texts[:i], wrong, *texts[i + 1:]])))[i]
+      if good[i][-1] != newline_id or bad[-1] != newline_id:
+        raise ValueError(f"problem {j} line {i}: the encoded step does not end with the "
+                         f"newline id {newline_id}: {good[i]} / {bad}")
+      pairs.append(PreferencePair(context_ids=tuple(context), chosen_ids=good[i],
+                                  rejected_ids=bad, chosen_q=1.0, rejected_q=0.0,
+                                  record_index=j, depth=i, chosen_text=line,
+                                  rejected_text=wrong))
+      context += good[i]
+  return pairs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -124,6 +124,7 @@ def test_tiny_preset_end_to_end_and_rerun_from_files(tmp_path):
   synthetic = sum(p.num_steps for p in generate_problems(qv.SYNTHETIC_SEED_BASE, 2, split="train"))
   assert seed["qmodel"]["synthetic_pairs"] == synthetic
   assert seed["qmodel"]["train_pairs"] >= synthetic
+  assert 0.0 <= seed["qmodel"]["synthetic_pair_accuracy"] <= 1.0
   for name in ("annotations.jsonl", "pairs.jsonl", "annotation.json", "qmodel.json",
                "eval.json"):
     assert (out / "seed0" / name).is_file()

@@ -119,7 +119,7 @@ PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "qvalue_stepdpo"
 # Zhai et al. 2024, Phi-3-mini: relative gain of Q-guided selection over the policy alone.
 PAPER_RELATIVE_GAINS = {"WebShop": 1.03, "HotPotQA": 0.75}
 # Synthetic step pairs of seed s come from generate_problems(SYNTHETIC_SEED_BASE + s, ...,
-# "train"): train problems other than the annotated ones.
+# "train"): train problems drawn with another seed than the annotated ones.
 SYNTHETIC_SEED_BASE = 1000
 SYNTHETIC_ACCURACY_PAIRS = 2048
 # The acceptance: Q-guided >= 20% relative above greedy for the data-generating policy.

@@ -59,6 +59,7 @@ from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.results import markdown_table, new_figure, save_plot, write_results
 from qstar_jax.training.step_verifier import (
   StepVerifierConfig,
+  split_after,
   step_verifier_data,
   train_step_verifier,
 )
@@ -227,17 +228,9 @@ def verifier_scores(verifier: ArithmeticPolicy, generations: Sequence[Sequence[i
                     batch: int) -> np.ndarray:
   """[M] the step verifier's score of each generated solution: the product over its steps
   (split after each newline / EOS) of P(step correct), as `StepVerifier` computes in a search."""
-  stops = set(verifier.step_stop_ids)
   lines, owner = [], []
   for m, gen in enumerate(generations):
-    step: list[int] = []
-    for t in gen:
-      step.append(t)
-      if t in stops:
-        lines.append([verifier.bos_id, *step])
-        owner.append(m)
-        step = []
-    if step:
+    for step in split_after(gen, verifier.step_stop_ids):
       lines.append([verifier.bos_id, *step])
       owner.append(m)
   params = step_verifier_value_params(verifier.params, verifier.value_head())

@@ -567,24 +567,24 @@ def bench_search(model: Any, config: SearchBenchConfig, *, tokenizer: Any = None
     "simulations_per_s": b * s / seconds if config.method == "mcts" else None,
   }
 
-  # Plain batched decoding of the same tokens at the same rows per forward.
+  # Plain batched decoding of the same tokens at the same rows per forward; the same decoding
+  # for one problem's rows (what batching B problems buys on this device).
   rows = config.rows_per_problem()
   new_tokens = max(1, math.ceil(tokens_decoded / (b * rows)))
-  dec = timed("decode", lambda: decode(
-    graphdef, policy, key, tokens=device["tokens"], lengths=lengths, model_config=model_config,
-    sampling=SamplingConfig(max_new_tokens=new_tokens, num_candidates=rows, ignore_eos=True)
-  ).tokens)
+  sampling_plain = SamplingConfig(max_new_tokens=new_tokens, num_candidates=rows, ignore_eos=True)
+
+  def plain_decode(problems: int) -> jax.Array:
+    return decode(graphdef, policy, key, tokens=device["tokens"][:problems],
+                  lengths=lengths[:problems], model_config=model_config,
+                  sampling=sampling_plain).tokens
+
+  dec = timed("decode", lambda: plain_decode(b))
+  one = timed("decode, one problem", lambda: plain_decode(1))
   decode_tokens = b * rows * new_tokens
   out.update({"decode_seconds": dec["seconds"], "decode_tokens": decode_tokens,
               "decode_rows": b * rows,
-              "overhead_vs_decode": (seconds / tokens_decoded) / (dec["seconds"] / decode_tokens)})
-  # The same decoding for one problem's rows: what batching B problems buys on this device.
-  one = timed("decode, one problem", lambda: decode(
-    graphdef, policy, key, tokens=device["tokens"][:1], lengths=lengths[:1],
-    model_config=model_config,
-    sampling=SamplingConfig(max_new_tokens=new_tokens, num_candidates=rows, ignore_eos=True)
-  ).tokens)
-  out.update({"decode_one_problem_seconds": one["seconds"],
+              "overhead_vs_decode": (seconds / tokens_decoded) / (dec["seconds"] / decode_tokens),
+              "decode_one_problem_seconds": one["seconds"],
               "batching_gain": b * one["seconds"] / dec["seconds"]})
 
   # The same search: value head off; constant stub (no model call).

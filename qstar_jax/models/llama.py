@@ -217,20 +217,26 @@ class Attention(nnx.Module):
                         rngs=rngs)
     self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
 
+  def project_qkv(self, x, fused=None):
+    """x [..., D] -> (q [..., Hq*hd], k [..., Hkv*hd], v [..., Hkv*hd]), before rotation.
+
+    `fused` (one layer of `Llama.fused_decode_weights`) computes them with one matmul.
+    """
+    if fused is None:
+      return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    qkv = x.astype(fused["qkv"].dtype) @ fused["qkv"]
+    if "qkv_bias" in fused:
+      qkv = qkv + fused["qkv_bias"]
+    nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    return qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+
   def __call__(self, x, cos, sin, mask, kv_write=None, fused=None):
     """x [B, T, D] -> [B, T, D]; kv_write(k, v) -> (keys, values) attended over (cache).
 
     `fused` (from `Llama.fused_decode_weights`) computes q, k, v with one matmul.
     """
     b, t, _ = x.shape
-    if fused is not None:
-      qkv = x.astype(fused["qkv"].dtype) @ fused["qkv"]
-      if "qkv_bias" in fused:
-        qkv = qkv + fused["qkv_bias"]
-      nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-      q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
-    else:
-      q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    q, k, v = self.project_qkv(x, fused)
     q = q.reshape(b, t, self.num_heads, self.head_dim)
     k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
     v = v.reshape(b, t, self.num_kv_heads, self.head_dim)

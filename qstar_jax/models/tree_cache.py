@@ -463,17 +463,9 @@ def _project_qkv(layer: Any, x: jax.Array, cos: jax.Array, sin: jax.Array, *, nu
   """A Llama block's attention inputs for one new token per row: x [..., D] (R rows) ->
   q [R, 1, Hq, hd], k [R, 1, Hkv, hd] (both rotated by cos/sin [R, 1, 1, hd]), v [R, Hkv, hd].
   `fused` (one layer of `Llama.fused_decode_weights`): q, k, v from one matmul."""
-  attn = layer.attn
   h = layer.input_norm(x).reshape(-1, 1, x.shape[-1])
   rows = h.shape[0]
-  if fused is not None:
-    qkv = h.astype(fused["qkv"].dtype) @ fused["qkv"]
-    if "qkv_bias" in fused:
-      qkv = qkv + fused["qkv_bias"]
-    nq, nkv = num_heads * head_dim, num_kv_heads * head_dim
-    q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
-  else:
-    q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+  q, k, v = layer.attn.project_qkv(h, fused)
   q = apply_rotary(q.reshape(rows, 1, num_heads, head_dim), cos, sin)
   k = apply_rotary(k.reshape(rows, 1, num_kv_heads, head_dim), cos, sin)
   return q, k, v.reshape(rows, num_kv_heads, head_dim)
@@ -722,11 +714,9 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
   src = jnp.clip(pos[None, :] - partial[:, None], 0, t_max - 1)       # [R, max_new * PL]
   keep_old = pos[None, :] < partial[:, None]
 
-  def tail(pool, buffer):
+  def tail(pool, new):   # new: the buffer as [L, Hkv, T, R, hd]
     prefix = pool[:, :, jnp.clip(old, 0)]                             # [L, Hkv, R, PL, hd]
     prefix = jnp.pad(prefix, ((0, 0), (0, 0), (0, 0), (0, (max_new - 1) * page_len), (0, 0)))
-    new = buffer.reshape(n_layers, t_max, r, hkv, hd)
-    new = jnp.moveaxis(new, 3, 1)                                     # [L, Hkv, T, R, hd]
     new = jnp.take_along_axis(new, src.T[None, None, :, :, None], axis=2)   # [L,Hkv,S,R,hd]
     rows = jnp.where(keep_old.T[None, None, :, :, None], jnp.moveaxis(prefix, 3, 2), new)
     rows = jnp.moveaxis(rows, 2, 3).reshape(n_layers, hkv, r * max_new, page_len, hd)
@@ -740,10 +730,11 @@ def commit_steps(cache: TreeKVCache, kv: StepKV, children: jax.Array,
   written = jnp.where(ok, n, 0)
   problems = jnp.repeat(jnp.arange(b, dtype=jnp.int32), w * k)
   cache = cache.replace(
-      # The buffers back in the old [L, T, B, W, K, Hkv, hd] layout, once per step.
-      page_keys=tail(cache.page_keys, jnp.stack(kv.keys).transpose(0, 6, 1, 3, 4, 2, 5)),
-      page_values=tail(cache.page_values,
-                       jnp.stack(kv.values).transpose(0, 5, 1, 3, 4, 2, 6)),
+      # The buffers ([L, B, Hkv, W, K, hd, T] / [..., T, hd]) as [L, Hkv, T, R, hd], once a step.
+      page_keys=tail(cache.page_keys, jnp.stack(kv.keys).transpose(0, 2, 6, 1, 3, 4, 5)
+                     .reshape(n_layers, hkv, t_max, r, hd)),
+      page_values=tail(cache.page_values, jnp.stack(kv.values).transpose(0, 2, 5, 1, 3, 4, 6)
+                       .reshape(n_layers, hkv, t_max, r, hd)),
       page_refcount=refcount,
       node_pages=cache.node_pages.at[rows, jnp.clip(cols, 0, mp - 1)].set(fresh, mode="drop"),
       node_length=cache.node_length.at[_drop_index(jnp.where(ok, flat, -1), cache.max_nodes)]

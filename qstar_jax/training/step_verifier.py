@@ -44,7 +44,7 @@ from qstar_jax.training.train_loop import TrainLoopConfig, evaluate, make_eval_s
 from qstar_jax.training.train_loop import train as run_train_loop
 
 __all__ = ["LINE_OFFSETS", "StepVerifierConfig", "VerifierLines", "perturbed_result",
-           "step_verifier_data", "synthetic_step_pairs", "train_step_verifier"]
+           "split_after", "step_verifier_data", "synthetic_step_pairs", "train_step_verifier"]
 
 # Wrong results: the right one plus one of these (kept positive). The committed policy's own
 # wrong results are mostly off by 1..9 (measured: +-1 and +-2 most often), some by 10 or 20.
@@ -97,6 +97,22 @@ def perturbed_result(c: int, rng: random.Random) -> int:
   return c + rng.choice([d for d in LINE_OFFSETS if c + d > 0])
 
 
+def split_after(ids: Sequence[int], stops: Sequence[int]) -> list[tuple[int, ...]]:
+  """``ids`` cut into steps after each id in ``stops`` (kept at the step's end); a last step
+  without a stop is kept too.
+
+  >>> split_after([5, 1, 6, 7, 1, 8], (1,))
+  [(5, 1), (6, 7, 1), (8,)]
+  """
+  stops, out, cur = set(stops), [], []
+  for t in ids:
+    cur.append(t)
+    if t in stops:
+      out.append(tuple(cur))
+      cur = []
+  return out + ([tuple(cur)] if cur else [])
+
+
 def synthetic_step_pairs(problems: Sequence[Any], tokenizer: Any, *,
                          prompt: Callable[[str], Sequence[int]], newline_id: int,
                          seed: int) -> list[PreferencePair]:
@@ -109,25 +125,16 @@ def synthetic_step_pairs(problems: Sequence[Any], tokenizer: Any, *,
   ``record_index`` is the problem's index, ``depth`` the line's; Q-values are 1 and 0.
   """
   rng = random.Random(f"qstar_jax.synthetic_step_pairs.{seed}")
-
-  def lines(ids: Sequence[int]) -> list[tuple[int, ...]]:
-    out, cur = [], []
-    for t in ids:
-      cur.append(t)
-      if t == newline_id:
-        out.append(tuple(cur))
-        cur = []
-    return out + ([tuple(cur)] if cur else [])
-
   pairs = []
   for j, p in enumerate(problems):
     context = list(prompt(p.question))
-    good = lines(tokenizer.encode(p.solution))
+    good = split_after(tokenizer.encode(p.solution), (newline_id,))
     texts = p.solution.split("\n")
     for i, line in enumerate(p.solution_steps):
       a, op, b, c = parse_step(line)
       wrong = f"{a} {op} {b} = {perturbed_result(c, rng)}"
-      bad = lines(tokenizer.encode("\n".join([*texts[:i], wrong, *texts[i + 1:]])))[i]
+      bad = split_after(tokenizer.encode("\n".join([*texts[:i], wrong, *texts[i + 1:]])),
+                        (newline_id,))[i]
       if good[i][-1] != newline_id or bad[-1] != newline_id:
         raise ValueError(f"problem {j} line {i}: the encoded step does not end with the "
                          f"newline id {newline_id}: {good[i]} / {bad}")

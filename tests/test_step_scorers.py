@@ -142,6 +142,32 @@ def test_log_ratio_q_equals_plain_forwards(searched):
   assert np.all(np.asarray(same) == 0.0)
 
 
+def test_step_alone_log_ratio_q_equals_plain_forwards_of_the_step(searched):
+  """step_alone_bos: beta * mean over the step of log pi_q - log pi_ref on [bos] + the node's
+  own step ids alone (host-built), whatever the prompt and the ancestors."""
+  result, tokens, lengths, nodes, other, _ = searched
+  tree = result.tree
+  graphdef, params = tiny_policy()
+  bos = 5
+  values = jax.jit(LogRatioQ(graphdef, beta=BETA, step_alone_bos=bos))(
+    q_model_value_params(params.policy, other.policy, tokens, lengths), tree,
+    jnp.asarray(np.append(nodes, -1)))
+  rows = [[bos, *node_step_ids(tree, int(n))] for n in nodes]
+  host = np.zeros((len(rows), max(map(len, rows))), np.int32)
+  for row, ids in enumerate(rows):
+    host[row, :len(ids)] = ids
+  ratio = np.asarray(_plain_log_probs(params.policy, jnp.asarray(host))
+                     - _plain_log_probs(other.policy, jnp.asarray(host)))
+  expected = [BETA * ratio[row, :len(ids) - 1].mean() if len(ids) > 1 else 0.0
+              for row, ids in enumerate(rows)]
+  np.testing.assert_allclose(np.asarray(values[:-1]), expected, rtol=1e-5, atol=1e-6)
+  assert float(values[-1]) == 0.0
+  # Not the path's Q: the same nodes read with their prompt and ancestors score otherwise.
+  deep = np.asarray(tree.cache.node_depth)[nodes] > 1
+  path_q = _reference_q(params.policy, other.policy, tree, nodes, tokens, lengths, BETA)
+  assert not np.allclose(np.asarray(values[:-1])[deep], path_q[deep], atol=1e-4)
+
+
 def test_path_log_ratio_and_model_value_equal_plain_forwards(searched):
   """PathLogRatio = beta * sum of log pi_prm - log pi_ref over all solution tokens so far;
   ModelValue = head . (final-normed hidden after the node's last token); by plain forwards."""

@@ -66,6 +66,7 @@ __all__ = [
   "model_value_params",
   "path_log_probs",
   "path_tokens",
+  "step_alone_tokens",
   "path_width",
   "q_model_value_params",
   "line_logits",
@@ -84,6 +85,18 @@ class PathTokens:
   lengths: jax.Array          # [M] int32 tokens of the sequence (0 for node -1)
   step_start: jax.Array       # [M] int32 index of the node's own first step token
   prompt_length: jax.Array    # [M] int32 tokens of the node's prompt
+
+
+def step_alone_tokens(tree: StepTree, nodes: jax.Array, bos_id: int) -> PathTokens:
+  """Each node's own step alone after ``bos_id``: tokens [M, 1 + T] (``[bos_id] + step``, the
+  step's pads after its length), step_start 1, prompt_length 1; node -1 gives length 0."""
+  nodes = jnp.asarray(nodes, jnp.int32)
+  safe = jnp.maximum(nodes, 0)
+  steps = tree.step_tokens[safe]                                                 # [M, T]
+  tokens = jnp.concatenate([jnp.full((steps.shape[0], 1), bos_id, jnp.int32), steps], axis=1)
+  ones = jnp.ones(nodes.shape, jnp.int32)
+  lengths = jnp.where(nodes >= 0, 1 + tree.step_length[safe], 0).astype(jnp.int32)
+  return PathTokens(tokens=tokens, lengths=lengths, step_start=ones, prompt_length=ones)
 
 
 def path_width(tree: StepTree, prompt_width: int) -> int:
@@ -317,11 +330,18 @@ class LogRatioQ:
   value_params: `q_model_value_params(...)`. Each forward runs over the full path (prompt,
   ancestor steps, the node's step: `path_tokens`, width P + max_depth * T); only the T
   positions that predict the node's step go through the LM head.
+
+  With ``step_alone_bos`` set, ``ctx`` is that id alone: both models read ``[step_alone_bos] +
+  the node's own step tokens`` (width 1 + T), the input a Q-model trained on step pairs with
+  context ``(step_alone_bos,)`` saw (`experiments.qvalue_stepdpo` ``qmodel.context=step``: on the
+  arithmetic task a line's arithmetic checks without its context). The prompts in value_params
+  are then not read.
   """
 
   graphdef: nnx.GraphDef
   beta: float
   mean_tokens: bool = True
+  step_alone_bos: int | None = None
 
   def __post_init__(self):
     if not float(self.beta) > 0:
@@ -343,8 +363,11 @@ class LogRatioQ:
   def __call__(self, value_params: Any, tree: StepTree, nodes: jax.Array) -> jax.Array:
     _require(value_params, ("q", "reference", "prompt_tokens", "prompt_lengths"), "LogRatioQ")
     nodes = jnp.asarray(nodes, jnp.int32)
-    paths = path_tokens(tree, nodes, value_params["prompt_tokens"],
-                        value_params["prompt_lengths"])
+    if self.step_alone_bos is None:
+      paths = path_tokens(tree, nodes, value_params["prompt_tokens"],
+                          value_params["prompt_lengths"])
+    else:
+      paths = step_alone_tokens(tree, nodes, self.step_alone_bos)
     t = tree.step_tokens.shape[1]
     count = paths.lengths - paths.step_start                                     # [M]
     mask = jnp.arange(t)[None, :] < count[:, None]

@@ -4,9 +4,10 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
   python -m experiments.qvalue_stepdpo [preset=cpu] out=runs/qvalue_stepdpo
 
 1. Policies. A = the committed arithmetic policy (or `policy=DIR`): it generates the training
-   data. B = a second, different policy (`policy_b`: by default a 2-layer Llama SFT'd with
-   another seed and fewer steps by `train_arithmetic_policy`) sharing A's tokenizer (A's
-   `tokenizer.model` is copied into `out/policy_b` first), so the Q-model can score B's steps.
+   data. B = a second, different policy (`policy_b`: by default a 2-layer Llama, half A's
+   layers, SFT'd 2,000 steps with another seed by `train_arithmetic_policy`) sharing A's
+   tokenizer (A's `tokenizer.model` is copied into `out/policy_b` first), so the Q-model can
+   score B's steps.
 2. Annotation, per seed: MCTS episodes of A on train problems (`training.annotate_with_mcts`:
    `mcts_step_search`, episode, `value_source="rollout"`) with the verifier reward as the node score (`VerifierReward`: a
    finished solution scores 1 iff it states the reference answer), so the edges' Q-values are
@@ -19,12 +20,16 @@ step-DPO Q-model -> Q-guided selection, for the policy that made the data and a 
    `qmodel.synthetic_problems=N` the training pairs also hold one pair per line of the
    reference solutions of N other train problems (the line vs the same line with a perturbed
    result: `training.step_verifier.synthetic_step_pairs`), labelled steps in volume; the
-   held-out pairs stay MCTS pairs only.
+   held-out pairs stay MCTS pairs only. With `qmodel.context=step` (arithmetic) every pair's
+   context is the BOS id alone: the Q-model reads `[BOS] + step` (a line's arithmetic checks
+   without its context), about 6x fewer tokens per pair than the path.
 4. Evaluation on test problems (`generate_problems(seed, n, split="test")`), per seed and
    policy: greedy, and Q-guided selection: K candidate steps sampled from the policy, the one of
    highest `Q = beta * mean_tokens(log pi_q - log pi_A)` kept (`tasks.evaluate` with the
-   scorer `LogRatioQ`: `q_guided_search` with `scored_expand(LogRatioQ(...))`). Compute: tokens the policy decoded per problem, model
-   calls, seconds (the Q-model's forwards are in the seconds).
+   scorer `LogRatioQ`: `q_guided_search` with `scored_expand(LogRatioQ(...))`; with
+   `qmodel.context=step`, `LogRatioQ(step_alone_bos=A's BOS)`: both models read the candidate
+   step alone, as the Q-model was trained). Compute: tokens the policy decoded per problem,
+   model calls, seconds (the Q-model's forwards are in the seconds).
 5. `out/results.json` (`{"config", "policies": {NAME: {"greedy": [acc per seed], "q_guided":
    [...]}}, "compute", ...}`, A first), `out/table.md` (mean +- spread, relative gains, the
    paper's numbers, the acceptance checks met / not met), `out/accuracy.png`.
@@ -130,7 +135,7 @@ def _policy_b_default() -> ArithmeticPolicyConfig:
   return ArithmeticPolicyConfig(
     seed=1, model=PolicyModelConfig(num_layers=2),
     data=SFTDataConfig(corrupt_fraction=0.1, batch_size=16),
-    loop=TrainLoopConfig(num_steps=600, eval_every=0, checkpoint_every=200, log_every=50),
+    loop=TrainLoopConfig(num_steps=2000, eval_every=0, checkpoint_every=500, log_every=50),
     eval=PolicyEvalConfig(num_test_problems=64, slice_problems=64, prompt_width=96,
                           majority_problems=0),
     value=ValueFitConfig(num_problems=32, samples_per_problem=2))
@@ -161,6 +166,11 @@ class QModelConfig:
   # (`training.step_verifier.synthetic_step_pairs`: each line vs the same line with a perturbed
   # result) added to the MCTS pairs of the training share; 0 = MCTS pairs only.
   synthetic_problems: int = 0
+  # What the Q-model reads before a step: "path" = the prompt and the earlier steps (Zhai et
+  # al.'s Q(s, a)); "step" = the policy's BOS id alone, so every pair's context is (BOS,) and
+  # Q-guided selection scores [BOS] + the candidate step (arithmetic: a line's arithmetic
+  # checks without its context; training reads ~10 tokens per sequence instead of ~60).
+  context: str = "path"
   run: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
     num_steps=100, batch_size=16,
     optim=OptimizerConfig(lr=1e-4, warmup_steps=15, weight_decay=0.0), checkpoint_every=50))
@@ -288,14 +298,16 @@ def make_table(results: Mapping[str, Any]) -> str:
          for c in results["checks"]]
   md += ["", "## Data and Q-model per seed", ""]
   md += [markdown_table(
-    ["seed", "annotated problems", "pairs (train / held out)", "dropped ties", "MCTS tokens / "
-     "problem", "annotation s", "DPO steps", "DPO s", "held-out pair accuracy %",
-     "train pair accuracy %"],
+    ["seed", "annotated problems", "MCTS pairs (train / held out)", "synthetic pairs",
+     "dropped ties", "MCTS tokens / problem", "annotation s", "DPO steps", "DPO s",
+     "held-out pair accuracy %", "MCTS train pair accuracy %", "synthetic pair accuracy %"],
     [[s["seed"], s["annotation"]["num_problems"],
-      f"{s['qmodel']['train_pairs']} / {s['qmodel']['heldout_pairs']}",
+      f"{s['qmodel']['train_pairs'] - s['qmodel'].get('synthetic_pairs', 0)} / "
+      f"{s['qmodel']['heldout_pairs']}", s["qmodel"].get("synthetic_pairs", 0),
       s["qmodel"]["pairs"]["dropped_tie"], f"{s['annotation']['tokens_decoded']:.0f}",
       f"{s['annotation']['seconds']:.0f}", s["qmodel"]["steps"], f"{s['qmodel']['seconds']:.0f}",
-      _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"])]
+      _pct(s["qmodel"]["heldout_pair_accuracy"]), _pct(s["qmodel"]["train_pair_accuracy"]),
+      _pct(s["qmodel"].get("synthetic_pair_accuracy"))]
      for s in results["seeds"]])]
   stages = results["compute"].get("stage_seconds")
   if stages:
@@ -354,6 +366,7 @@ class StepPolicy:
   tokenizer: Any
   spec: StepSpec
   prompt: Callable[[str], list[int]]   # question -> prompt ids
+  bos_id: int | None = None            # the id a step-alone Q-model reads before a step
   train_seconds: float | None = None   # what training it here cost (policy B), if it was
 
 
@@ -367,6 +380,7 @@ def _arithmetic_policy(tag: str, policy: ArithmeticPolicy, cfg: QValueConfig, *,
                   max_step_tokens=cfg.max_step_tokens, pad_id=policy.pad_id),
     prompt=lambda q: [policy.bos_id, *policy.tokenizer.encode(
       policy_prompt(q, prompt_format=policy.prompt_format))],
+    bos_id=policy.bos_id,
     train_seconds=train_seconds)
 
 
@@ -506,6 +520,21 @@ def pair_accuracy(graphdef: nnx.GraphDef, params: Any, reference_params: Any,
   return hits / len(pairs)
 
 
+def step_alone(pairs: Sequence[PreferencePair], policy: StepPolicy) -> list[PreferencePair]:
+  """The pairs with context ``(policy.bos_id,)``: what a ``qmodel.context=step`` Q-model reads."""
+  return [dataclasses.replace(p, context_ids=(policy.bos_id,)) for p in pairs]
+
+
+def check_qmodel_context(cfg: QValueConfig) -> None:
+  """qmodel.context is "path", or "step" on the arithmetic task (one line checks alone)."""
+  if cfg.qmodel.context not in ("path", "step"):
+    raise ValueError(f"qmodel.context={cfg.qmodel.context!r}: expected 'path' or 'step'")
+  if cfg.qmodel.context == "step" and cfg.task != "arithmetic":
+    raise ValueError(f"qmodel.context='step' with task={cfg.task!r}: a step read without its "
+                     "context is a Q-value on the arithmetic task only (a line's arithmetic "
+                     "checks alone); use qmodel.context=path")
+
+
 def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathlib.Path,
                  annotation: Mapping[str, Any], *,
                  mesh: Mesh | None = None) -> tuple[Any, dict[str, Any]]:
@@ -515,6 +544,8 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
   pairs, counts = step_pairs(cfg, folder)
   train_pairs, heldout = holdout_split(pairs, num_records=annotation["num_problems"],
                                        fraction=q.holdout_fraction, seed=seed)
+  if q.context == "step":
+    train_pairs, heldout = step_alone(train_pairs, policy), step_alone(heldout, policy)
   synthetic: list[PreferencePair] = []
   mcts_train = train_pairs
   if q.synthetic_problems:
@@ -524,6 +555,8 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
     synthetic = synthetic_step_pairs(
       generate_problems(SYNTHETIC_SEED_BASE + seed, q.synthetic_problems, split="train"),
       policy.tokenizer, prompt=policy.prompt, newline_id=policy.spec.stop_ids[0], seed=seed)
+    if q.context == "step":
+      synthetic = step_alone(synthetic, policy)
     train_pairs = [*train_pairs, *synthetic]
   t0 = time.perf_counter()
   # A copy: the train loop's updates must never touch the reference's buffers.
@@ -552,10 +585,11 @@ def train_qmodel(cfg: QValueConfig, policy: StepPolicy, seed: int, folder: pathl
 
 
 def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
-                    q_graphdef: nnx.GraphDef, q_params: Any,
-                    reference_params: Any) -> dict[str, dict[str, float]]:
+                    q_graphdef: nnx.GraphDef, q_params: Any, reference_params: Any,
+                    q_bos_id: int | None = None) -> dict[str, dict[str, float]]:
   """Greedy and Q-guided accuracy of `policy` on the seed's test problems, with compute
-  (`tasks.evaluate`; Q-guided scores its candidates with the Q-model, `LogRatioQ`)."""
+  (`tasks.evaluate`; Q-guided scores its candidates with the Q-model, `LogRatioQ`; a
+  ``qmodel.context=step`` Q-model reads ``[q_bos_id] + step``: the Q-model's policy's BOS)."""
   e = cfg.eval
   problems = task_problems(cfg, seed, e.num_problems, "test")
   task = SearchTask(
@@ -569,7 +603,8 @@ def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
   out = {}
   for method in ("greedy", "q_guided"):
     scorer = {} if method == "greedy" else dict(
-      scorer=LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True),
+      scorer=LogRatioQ(q_graphdef, beta=cfg.qmodel.beta, mean_tokens=True,
+                       step_alone_bos=q_bos_id if cfg.qmodel.context == "step" else None),
       scorer_params=functools.partial(q_model_value_params, q_params, reference_params))
     point = evaluate(task, method, budget, seed=seed, **scorer)
     out[method] = {k: point[k] for k in ("accuracy", "tokens_decoded", "model_calls", "seconds",
@@ -582,6 +617,7 @@ def run(cfg: QValueConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
   the Q-models; None: one device; ``main`` passes the mesh of ``cfg.mesh``)."""
   if not cfg.seeds:
     raise ValueError("seeds=[]: expected at least one seed")
+  check_qmodel_context(cfg)
   out = pathlib.Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
   inputs = ({"policy_fingerprint": arithmetic_policy_fingerprint(cfg.policy or None)}
@@ -601,7 +637,7 @@ def run(cfg: QValueConfig, *, mesh: Mesh | None = None) -> dict[str, Any]:
       q_params, qmodel = train_qmodel(cfg, policy_a, seed, folder, annotation, mesh=mesh)
       evaluation = write_json(folder / "eval.json", {
         name: evaluate_policy(cfg, p, seed, q_graphdef=policy_a.graphdef, q_params=q_params,
-                              reference_params=policy_a.params)
+                              reference_params=policy_a.params, q_bos_id=policy_a.bos_id)
         for name, p in policies.items()})
     per_seed.append({"seed": seed, "annotation": annotation, "qmodel": qmodel})
     evals.append(evaluation)

@@ -63,7 +63,8 @@ def test_make_table_reports_numbers_and_checks():
   method = {"tokens_decoded": 40.0, "model_calls": 10.0, "seconds": 1.0, "overflow": 0.0}
   seed = {"annotation": {"num_problems": 8, "tokens_decoded": 900.0, "seconds": 5.0},
           "qmodel": {"pairs": {"dropped_tie": 3}, "train_pairs": 6, "heldout_pairs": 2, "steps": 4, "seconds": 2.0,
-                     "heldout_pair_accuracy": 0.5, "train_pair_accuracy": float("nan")}}
+                     "heldout_pair_accuracy": 0.5, "train_pair_accuracy": float("nan"),
+                     "synthetic_pairs": 4, "synthetic_pair_accuracy": 0.75}}
   results = {"config": {"seeds": [0, 1], "eval": {"num_problems": 8, "num_candidates": 5}},
              "policies": policies,
              "compute": {n: {"greedy": method, "q_guided": method} for n in policies},
@@ -76,6 +77,8 @@ def test_make_table_reports_numbers_and_checks():
   assert "for B (transfer): **not met**" in md
   assert "+103% relative" in md and "+75% relative" in md
   assert "50.0% mean over seeds, 2 held-out pairs per seed" in md
+  # 6 training pairs of which 4 synthetic: 2 MCTS pairs trained on, 2 held out.
+  assert "| 0 | 8 | 2 / 2 | 4 | 3 | 900 | 5 | 4 | 2 | 50.0 | n/a | 75.0 |" in md
 
 
 def test_gsm8k_path_config_and_problems(tmp_path):
@@ -91,6 +94,24 @@ def test_gsm8k_path_config_and_problems(tmp_path):
   assert all(records[p.question] == p.answer for p in problems)
   assert qv.task_problems(cfg, 1, 3, "test") == problems          # seeded
   assert qv.task_problems(cfg, 2, 3, "test") != problems
+
+
+def test_qmodel_context_is_checked_and_step_pairs_read_bos_alone():
+  cfg = qv.QValueConfig()
+  qv.check_qmodel_context(cfg)
+  with pytest.raises(ValueError, match="qmodel.context='window': expected 'path' or 'step'"):
+    qv.check_qmodel_context(dataclasses.replace(cfg, qmodel=qv.QModelConfig(context="window")))
+  step = dataclasses.replace(cfg, qmodel=qv.QModelConfig(context="step"))
+  qv.check_qmodel_context(step)
+  with pytest.raises(ValueError, match="qmodel.context='step' with task='gsm8k'"):
+    qv.check_qmodel_context(dataclasses.replace(step, task="gsm8k"))
+  with pytest.raises(ValueError, match="qmodel.context='window'"):
+    qv.run(dataclasses.replace(cfg, qmodel=qv.QModelConfig(context="window")))
+  pair = PreferencePair(context_ids=(1, 9, 9, 4), chosen_ids=(5, 6, 4), rejected_ids=(5, 7, 4),
+                        chosen_q=1.0, rejected_q=0.0, record_index=3, depth=1)
+  policy = qv.StepPolicy(name="p", graphdef=None, params=None, tokenizer=None, spec=None,
+                         prompt=lambda q: [], bos_id=1)
+  assert qv.step_alone([pair], policy) == [dataclasses.replace(pair, context_ids=(1,))]
 
 
 def test_arithmetic_problems_train_start_past_the_sft_corpus():

@@ -14,12 +14,16 @@ beam search, on the arithmetic task (CPU) or GSM8K (an accelerator preset).
   (b) ``dpo``: `run_preference` on response-level pairs (`response_pairs`: a correct and an
   incorrect sample of one problem);
   (c) ``oreo``: `run_oreo` on all samples, policy + value head on the shared trunk (the value
-  head initialised from the committed one; gsm8k: zeros). Each run's compute record (steps,
+  head initialised from the committed one; gsm8k: zeros), or with ``oreo_separate_value`` a
+  separate value model initialised from the SFT policy (OREO's own setup: the value loss no
+  longer moves the policy's trunk). Each run's compute record (steps,
   examples, seconds) is kept in its folder (``train_record.json``), so a rerun reports the
   run that trained, not the restore.
 - Evaluation on test problems (`search.steps.tasks.evaluate`): greedy for every method, and
   ``oreo_beam``: OREO's value-guided step beam search (beam width B, B expansions per beam)
-  with the OREO policy and its value head. Each evaluation is stored in ``out/evals.json`` as it
+  with the OREO policy and its value head (``oreo_separate_value``: the value model's head on
+  its own hidden states, `scorers.ModelValue`: a full-path forward per node, slower). Each
+  evaluation is stored in ``out/evals.json`` as it
   finishes and skipped on rerun.
 - ``out/stages_config.json`` records the settings (and, on the arithmetic task, the policy's
   fingerprint) those files were made with; a rerun into the same ``out`` with other settings
@@ -39,6 +43,7 @@ compilation cache and the multi-host start. Only process 0 writes; runs resume o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
@@ -56,6 +61,7 @@ from qstar_jax.envs.arithmetic import generate_problems
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.search.steps.methods import SearchBudget
+from qstar_jax.search.steps.scorers import ModelValue, model_value_params
 from qstar_jax.search.steps.step_tree import PolicyValueParams
 from qstar_jax.search.steps.tasks import (
   ArithmeticTask,
@@ -131,6 +137,7 @@ class OreoExperimentConfig:
   dpo_beta: float = 0.1
   oreo_beta: float = 0.03
   oreo_alpha: float = 0.01
+  oreo_separate_value: bool = False  # OREO's separate value model (a copy of the SFT policy)
   rejection_sampling: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-4, 200))
   dpo: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-5, 200))
   oreo: ValueRunConfig = dataclasses.field(default_factory=_run_defaults(1e-5, 200))
@@ -220,7 +227,8 @@ def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
            trajectories: list[Trajectory], out: pathlib.Path,
            mesh: Mesh | None = None) -> tuple[PolicyValueParams, dict]:
   """Trains one method of one seed (resumed from ``out``, on ``mesh``); its params and a compute
-  record."""
+  record. OREO with ``cfg.oreo_separate_value``: ``params.value`` is ``{"model": the value
+  model's Llama state, "head": its head}`` (`oreo_beam_scorer` reads it)."""
   t0 = time.perf_counter()
   graphdef, sft = setup.test.graphdef, setup.test.params.policy
   run_cfg = dataclasses.replace(getattr(cfg, method), seed=seed)
@@ -236,9 +244,14 @@ def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
     params = PolicyValueParams(policy=result.params, value=setup.value_head)
   else:
     data = trajectories
-    result = run_oreo(graphdef, oreo_params(sft, setup.value_head), data, reference_params=sft,
-                      beta=cfg.oreo_beta, alpha=cfg.oreo_alpha, **common)
-    params = PolicyValueParams(policy=result.params["policy"], value=result.params["value"])
+    result = run_oreo(graphdef, oreo_params(sft, setup.value_head,
+                                            separate_value_model=cfg.oreo_separate_value),
+                      data, reference_params=sft, beta=cfg.oreo_beta, alpha=cfg.oreo_alpha,
+                      **common)
+    value = result.params["value"]
+    if "value_trunk" in result.params:
+      value = {"model": result.params["value_trunk"], "head": value}
+    params = PolicyValueParams(policy=result.params["policy"], value=value)
   record_path = out / "train_record.json"
   if result.resumed_from == result.step and record_path.exists():
     return params, read_json(record_path)  # finished before: its own record
@@ -249,10 +262,30 @@ def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
   return params, write_json(record_path, record)
 
 
+def oreo_beam_scorer(task: SearchTask) -> dict[str, Any]:
+  """`evaluate`'s scorer arguments for the OREO beam: none with the shared trunk (the task's
+  value head on the policy's hidden states); with a separate value model (``params.value`` =
+  ``{"model", "head"}``) its `ModelValue`."""
+  value = task.params.value
+  if not (isinstance(value, dict) and "model" in value):
+    return {}
+  return {"scorer": ModelValue(task.graphdef),
+          "scorer_params": functools.partial(model_value_params, value["model"], value["head"])}
+
+
+def _policy_head(params: PolicyValueParams) -> PolicyValueParams:
+  """``params`` with a linear head as ``value`` (what greedy's tree reads, unused by it): a
+  separate value model's ``{"model", "head"}`` gives its head."""
+  value = params.value
+  if isinstance(value, dict) and "model" in value:
+    return PolicyValueParams(policy=params.policy, value=value["head"])
+  return params
+
+
 def _evaluate(evals: dict[str, Any], key: str, path: pathlib.Path, task: SearchTask,
-              method: str, budget: SearchBudget, seed: int) -> dict[str, Any]:
+              method: str, budget: SearchBudget, seed: int, **scorer: Any) -> dict[str, Any]:
   if key not in evals:
-    point = evaluate(task, method, budget, seed=seed)
+    point = evaluate(task, method, budget, seed=seed, **scorer)
     evals[key] = {k: v for k, v in point.items() if k != "first_text"}
     write_json(path, evals)
     print(f"{key}: accuracy {point['accuracy']:.3f}, {point['tokens_decoded']:.1f} tokens "
@@ -387,13 +420,14 @@ def run(cfg: OreoExperimentConfig, *, mesh: Mesh | None = None) -> dict[str, Any
                                       seed_dir / method, mesh)
       task = dataclasses.replace(setup.test, params=params)
       with timer.phase("eval"):
-        point = _evaluate(evals, f"seed{seed}/{method}/greedy", evals_path, task, "greedy",
+        point = _evaluate(evals, f"seed{seed}/{method}/greedy", evals_path,
+                          dataclasses.replace(task, params=_policy_head(params)), "greedy",
                           greedy, seed)
         record(method, point, {**train_record,
                                "seconds": train_record["train_seconds"] + point["seconds"]})
         if method == "oreo":
           point = _evaluate(evals, f"seed{seed}/oreo/beam", evals_path, task, "beam", beam,
-                            seed)
+                            seed, **oreo_beam_scorer(task))
           record("oreo_beam", point, {**train_record, "seconds": train_record["train_seconds"]
                                       + point["seconds"]})
   results = {

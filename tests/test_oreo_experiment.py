@@ -4,11 +4,14 @@ sampled data, the training runs and the evaluations are reused, not redone."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 
 from experiments import oreo
+from qstar_jax.search.steps.scorers import ModelValue
+from qstar_jax.search.steps.step_tree import PolicyValueParams
 from qstar_jax.training.config import ConfigError, parse_config
 
 METHODS = {"sft": [0.30, 0.30, 0.30], "rejection_sampling": [0.32, 0.34, 0.30],
@@ -76,3 +79,25 @@ def test_tiny_preset_end_to_end_and_rerun_reuses_every_stage(tmp_path, capsys):
   assert second["compute"] == first["compute"]
   assert (out / "seed0" / "oreo" / "train_record.json").exists()
   assert "accuracy" not in capsys.readouterr().out.split("# OREO")[0]
+
+
+def test_separate_value_model_beam_scorer_and_greedy_head():
+  """oreo_separate_value: the beam scores nodes with the value model (`ModelValue` on its own
+  Llama state and head); greedy's tree gets the head alone. The shared trunk: no scorer, the
+  params unchanged."""
+  class Task:
+    graphdef = "graphdef"
+
+    def __init__(self, value):
+      self.params = PolicyValueParams(policy="policy", value=value)
+
+  head = {"kernel": "k", "bias": "b"}
+  separate = Task({"model": "value trunk", "head": head})
+  scorer = oreo.oreo_beam_scorer(separate)
+  assert scorer["scorer"] == ModelValue("graphdef")
+  assert isinstance(scorer["scorer_params"], functools.partial)
+  assert scorer["scorer_params"].args == ("value trunk", head)
+  assert oreo._policy_head(separate.params) == PolicyValueParams(policy="policy", value=head)
+  shared = Task(head)
+  assert oreo.oreo_beam_scorer(shared) == {}
+  assert oreo._policy_head(shared.params) is shared.params

@@ -522,6 +522,9 @@ def pair_accuracy(graphdef: nnx.GraphDef, params: Any, reference_params: Any,
 
 def step_alone(pairs: Sequence[PreferencePair], policy: StepPolicy) -> list[PreferencePair]:
   """The pairs with context ``(policy.bos_id,)``: what a ``qmodel.context=step`` Q-model reads."""
+  if policy.bos_id is None:
+    raise ValueError(f"policy {policy.name!r} has no bos_id: a step-alone Q-model "
+                     "(qmodel.context=step) reads [BOS] + step")
   return [dataclasses.replace(p, context_ids=(policy.bos_id,)) for p in pairs]
 
 
@@ -591,6 +594,9 @@ def evaluate_policy(cfg: QValueConfig, policy: StepPolicy, seed: int, *,
   (`tasks.evaluate`; Q-guided scores its candidates with the Q-model, `LogRatioQ`; a
   ``qmodel.context=step`` Q-model reads ``[q_bos_id] + step``: the Q-model's policy's BOS)."""
   e = cfg.eval
+  if cfg.qmodel.context == "step" and q_bos_id is None:
+    raise ValueError("qmodel.context='step' needs q_bos_id (the BOS id the Q-model read before "
+                     "each step in training); got None")
   problems = task_problems(cfg, seed, e.num_problems, "test")
   task = SearchTask(
     name=cfg.task, graphdef=policy.graphdef, params=PolicyValueParams(policy=policy.params),

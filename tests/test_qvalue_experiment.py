@@ -112,6 +112,10 @@ def test_qmodel_context_is_checked_and_step_pairs_read_bos_alone():
   policy = qv.StepPolicy(name="p", graphdef=None, params=None, tokenizer=None, spec=None,
                          prompt=lambda q: [], bos_id=1)
   assert qv.step_alone([pair], policy) == [dataclasses.replace(pair, context_ids=(1,))]
+  with pytest.raises(ValueError, match="policy 'p' has no bos_id"):
+    qv.step_alone([pair], dataclasses.replace(policy, bos_id=None))
+  with pytest.raises(ValueError, match="qmodel.context='step' needs q_bos_id"):
+    qv.evaluate_policy(step, policy, 0, q_graphdef=None, q_params=None, reference_params=None)
 
 
 def test_arithmetic_problems_train_start_past_the_sft_corpus():

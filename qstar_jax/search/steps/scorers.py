@@ -487,9 +487,7 @@ class StepVerifier:
     _require(value_params, ("model", "head"), "StepVerifier")
     nodes = jnp.asarray(nodes, jnp.int32)
     safe = jnp.maximum(nodes, 0)
-    steps = tree.step_tokens[safe]                                              # [M, T]
-    tokens = jnp.concatenate([jnp.full((steps.shape[0], 1), self.bos_id, jnp.int32), steps],
-                             axis=1)
+    tokens = step_alone_tokens(tree, nodes, self.bos_id).tokens                 # [M, 1 + T]
     p_step = jax.nn.sigmoid(line_logits(self.graphdef, value_params, tokens,
                                         tree.step_length[safe]))
     parent = tree.cache.node_parent[safe]

@@ -47,7 +47,7 @@ import functools
 import pathlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -55,9 +55,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qstar_jax.data.gsm8k import load_gsm8k
-from qstar_jax.data.reasoning import Trajectory, read_reasoning_jsonl, write_reasoning_jsonl
-from qstar_jax.distributed import RuntimeConfig, is_main_process
-from qstar_jax.envs.arithmetic import generate_problems
+from qstar_jax.data.reasoning import Trajectory
+from qstar_jax.distributed import RuntimeConfig
 from qstar_jax.envs.grading import answers_match, stated_answer
 from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.search.steps.methods import SearchBudget
@@ -76,10 +75,16 @@ from qstar_jax.training.arithmetic_policy import generate_solutions
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig
 from qstar_jax.training.progress import PhaseTimer
-from qstar_jax.training.reasoning_data import sample_trajectories, trajectories_from_generations
+from qstar_jax.training.reasoning_data import (
+  TrajectorySampling,
+  cached_trajectories,
+  sample_arithmetic_trajectories,
+  trajectories_from_generations,
+)
 from qstar_jax.training.results import (
   check_stages_config,
   markdown_table,
+  mean_spread,
   new_figure,
   read_json,
   save_plot,
@@ -111,17 +116,6 @@ def _run_defaults(lr: float, steps: int) -> Callable[[], ValueRunConfig]:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  num_problems: int = 256         # train problems per seed
-  num_samples: int = 8            # solutions per problem
-  temperature: float = 1.0
-  problem_seed: int = 1000        # arithmetic: generate_problems(problem_seed + seed, "train")
-  max_new_tokens: int = 64
-  batch_size: int = 64            # rows per decode call
-  prompt_width: int = 128
-
-
-@dataclasses.dataclass(frozen=True)
 class OreoExperimentConfig:
   out: str = "runs/oreo"
   task: str = "arithmetic"        # arithmetic | gsm8k
@@ -133,7 +127,7 @@ class OreoExperimentConfig:
   max_depth: int = 6
   beam_width: int = 4             # oreo_beam: B beams x B expansions
   beam_temperature: float = 1.0   # oreo_beam: sampling temperature of the expansions
-  sampling: SamplingConfig = SamplingConfig()
+  sampling: TrajectorySampling = TrajectorySampling()
   dpo_beta: float = 0.1
   oreo_beta: float = 0.03
   oreo_alpha: float = 0.01
@@ -164,15 +158,9 @@ def arithmetic_setup(cfg: OreoExperimentConfig) -> Setup:
   policy = load_arithmetic_policy(cfg.model or None)
   test = arithmetic_task(ArithmeticTask(n_problems=cfg.n_test_problems, batch=cfg.eval_batch,
                                         policy=cfg.model, max_step_tokens=cfg.max_step_tokens))
-  s = cfg.sampling
 
   def sample(seed: int) -> list[Trajectory]:
-    problems = generate_problems(s.problem_seed + seed, s.num_problems, split="train")
-    return sample_trajectories(
-      policy.graphdef, policy.params, jax.random.key(seed), problems=problems,
-      tokenizer=policy.tokenizer, num_samples=s.num_samples, stop_ids=policy.step_stop_ids,
-      prompt_format=policy.prompt_format, temperature=s.temperature,
-      max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, prompt_width=s.prompt_width)
+    return sample_arithmetic_trajectories(policy, seed, cfg.sampling)
 
   return Setup(test=test, value_head=dict(test.params.value), pad_id=policy.pad_id,
                sample=sample)
@@ -214,13 +202,7 @@ def gsm8k_setup(cfg: OreoExperimentConfig) -> Setup:
 
 
 def _samples(setup: Setup, seed: int, path: pathlib.Path) -> list[Trajectory]:
-  if path.exists():
-    return read_reasoning_jsonl(path, Trajectory)
-  trajectories = setup.sample(seed)
-  if is_main_process():
-    tmp = write_reasoning_jsonl(path.with_suffix(".tmp"), trajectories)
-    tmp.replace(path)  # whole or absent: a killed run samples again
-  return trajectories
+  return cached_trajectories(path, lambda: setup.sample(seed))
 
 
 def _train(method: str, setup: Setup, cfg: OreoExperimentConfig, seed: int,
@@ -293,12 +275,6 @@ def _evaluate(evals: dict[str, Any], key: str, path: pathlib.Path, task: SearchT
   return evals[key]
 
 
-def _mean_spread(values: Sequence[float]) -> str:
-  a = 100 * np.asarray(values, np.float64)
-  spread = (a.max() - a.min()) / 2 if len(a) > 1 else 0.0
-  return f"{a.mean():.1f} ± {spread:.1f}"
-
-
 def acceptance_checks(methods: dict[str, list[float]]) -> list[dict[str, Any]]:
   """The issue's checks on the seed means: OREO greedy >= rejection sampling >= SFT, and
   OREO + beam >= OREO greedy; each ``{"check", "met", "values"}`` (values in %)."""
@@ -325,7 +301,7 @@ def make_table(results: dict[str, Any]) -> str:
       paper_text = f"+{PAPER_BEAM_GAIN['gsm8k']}% rel. over OREO"
     else:
       paper_text = f"{paper} / {PAPER_MATH[m]}"
-    rows.append([m, _mean_spread(methods[m]), ", ".join(f"{100 * a:.1f}" for a in methods[m]),
+    rows.append([m, mean_spread(methods[m]), ", ".join(f"{100 * a:.1f}" for a in methods[m]),
                  paper_text, c["tokens_decoded"], c.get("train_steps", 0),
                  c.get("train_examples", 0), c["seconds"]])
   md = [f"# OREO on {cfg['task']} ({n} test problems, seeds {cfg['seeds']})", "",

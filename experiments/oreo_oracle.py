@@ -38,27 +38,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import oreo as E
 from qstar_jax.data.reasoning import Trajectory, TrajectoryBatch, trajectory_batches
 from qstar_jax.envs.arithmetic import ArithmeticProblem, check_steps
 from qstar_jax.losses import oreo_policy_loss, token_log_probs
-from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint
+from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.models.llama import apply
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.step_tree import PolicyValueParams
+from qstar_jax.search.steps.tasks import ArithmeticTask, arithmetic_task, evaluate
 from qstar_jax.training.config import config_to_dict, parse_config
-from qstar_jax.training.optim import lr_schedule, make_optimizer
+from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
+from qstar_jax.training.reasoning_data import (
+  TrajectorySampling,
+  cached_trajectories,
+  sample_arithmetic_trajectories,
+)
 from qstar_jax.training.results import (
   check_stages_config,
   markdown_table,
+  mean_spread,
   new_figure,
   read_json,
   save_plot,
+  write_json,
   write_results,
 )
 from qstar_jax.training.train_loop import train
-from qstar_jax.training.value_runs import WIDTH_BUCKET, ValueRunConfig
+from qstar_jax.training.value_runs import WIDTH_BUCKET, ValueRunConfig, run_sft
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "oreo_oracle"
 
@@ -75,12 +82,14 @@ class OreoOracleConfig:
   eval_batch: int = 100
   max_step_tokens: int = 24
   max_depth: int = 6
-  sampling: E.SamplingConfig = E.SamplingConfig()
+  sampling: TrajectorySampling = TrajectorySampling()
   oreo_alpha: float = 0.01
-  rejection_sampling: ValueRunConfig = dataclasses.field(
-    default_factory=lambda: E.OreoExperimentConfig().rejection_sampling)
-  oreo: ValueRunConfig = dataclasses.field(
-    default_factory=lambda: E.OreoExperimentConfig().oreo)   # batch, warmup, checkpoints
+  rejection_sampling: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
+    num_steps=60, batch_size=32, checkpoint_every=20,
+    optim=OptimizerConfig(lr=1e-4, warmup_steps=5, weight_decay=0.0)))
+  oreo: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
+    num_steps=100, batch_size=16, checkpoint_every=50,     # batch, warmup, checkpoints
+    optim=OptimizerConfig(lr=3e-5, warmup_steps=5, weight_decay=0.0)))
   variants: dict[str, dict[str, float]] = dataclasses.field(default_factory=_default_variants)
 
 
@@ -177,34 +186,40 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
   check_stages_config(out, {**config_to_dict(cfg),
                             "policy_fingerprint": arithmetic_policy_fingerprint(None)},
                       ignore=("out", "seeds"))
-  oreo_cfg = E.OreoExperimentConfig(
-    out=cfg.out, seeds=cfg.seeds, n_test_problems=cfg.n_test_problems,
-    eval_batch=cfg.eval_batch, max_step_tokens=cfg.max_step_tokens, max_depth=cfg.max_depth,
-    sampling=cfg.sampling, rejection_sampling=cfg.rejection_sampling)
   timer = PhaseTimer()
   with timer.phase("setup"):
-    setup = E.arithmetic_setup(oreo_cfg)
-  graphdef, sft = setup.test.graphdef, setup.test.params.policy
+    policy = load_arithmetic_policy()
+    test = arithmetic_task(ArithmeticTask(n_problems=cfg.n_test_problems, batch=cfg.eval_batch,
+                                          max_step_tokens=cfg.max_step_tokens))
+  graphdef, sft, pad_id = test.graphdef, test.params.policy, policy.pad_id
   evals_path = out / "evals.json"
   evals = read_json(evals_path) or {}
   greedy = SearchBudget(max_depth=cfg.max_depth)
+
+  def evaluate_policy(key: str, params: Any, seed: int) -> dict[str, Any]:
+    """Greedy accuracy of ``params`` on the test problems, kept in ``evals.json``."""
+    if key not in evals:
+      task = dataclasses.replace(test, params=PolicyValueParams(policy=params,
+                                                                value=test.params.value))
+      with timer.phase("eval"):
+        point = evaluate(task, "greedy", greedy, seed=seed)
+      evals[key] = {k: v for k, v in point.items() if k != "first_text"}
+      write_json(evals_path, evals)
+      print(f"{key}: accuracy {point['accuracy']:.3f}", flush=True)
+    return evals[key]
+
   methods: dict[str, list[float]] = {"sft": [], "rejection_sampling": [],
                                      **{f"oracle_oreo/{n}": [] for n in cfg.variants}}
   compute: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
   data: dict[str, Any] = {}
-  with timer.phase("eval"):
-    sft_point = E._evaluate(evals, "sft/greedy", evals_path, setup.test, "greedy", greedy, 0)
-
-  def evaluate_policy(key: str, policy: Any, seed: int) -> dict[str, Any]:
-    task = dataclasses.replace(setup.test, params=PolicyValueParams(policy=policy,
-                                                                    value=setup.value_head))
-    with timer.phase("eval"):
-      return E._evaluate(evals, key, evals_path, task, "greedy", greedy, seed)
+  sft_point = evaluate_policy("sft/greedy", sft, 0)
 
   for seed in cfg.seeds:
     seed_dir = out / f"seed{seed}"
     with timer.phase("sample"):
-      trajectories = E._samples(setup, seed, seed_dir / "samples.jsonl")
+      trajectories = cached_trajectories(
+        seed_dir / "samples.jsonl",
+        lambda s=seed: sample_arithmetic_trajectories(policy, s, cfg.sampling))
     wrong = [first_wrong_step(t) for t in trajectories]
     failed = [w for w, t in zip(wrong, trajectories, strict=True) if t.reward <= 0.5]
     data[str(seed)] = {"samples": len(trajectories),
@@ -212,12 +227,16 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
                        "failed_with_a_wrong_line": float(np.mean([w >= 0 for w in failed]))
                        if failed else 0.0}
     methods["sft"].append(sft_point["accuracy"])
+    t0 = time.perf_counter()
     with timer.phase("train"):
-      params, record = E._train("rejection_sampling", setup, oreo_cfg, seed, trajectories,
-                                seed_dir / "rejection_sampling")
-    point = evaluate_policy(f"seed{seed}/rejection_sampling/greedy", params.policy, seed)
+      result = run_sft(graphdef, sft, [t for t in trajectories if t.reward > 0.5], pad_id=pad_id,
+                       cfg=dataclasses.replace(cfg.rejection_sampling, seed=seed),
+                       out_dir=seed_dir / "rejection_sampling", show_progress=True)
+    if result.resumed_from != result.step:  # trained here, not restored whole
+      compute["rejection_sampling"].setdefault("train_seconds", []).append(
+        time.perf_counter() - t0)
+    point = evaluate_policy(f"seed{seed}/rejection_sampling/greedy", result.params, seed)
     methods["rejection_sampling"].append(point["accuracy"])
-    compute["rejection_sampling"].setdefault("train_seconds", []).append(record["train_seconds"])
     for name, v in cfg.variants.items():
       run_cfg = dataclasses.replace(
         cfg.oreo, seed=seed, num_steps=int(v["num_steps"]),
@@ -227,7 +246,7 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
         result = train(
           oracle_loss_fn(graphdef, beta=float(v["beta"]), alpha=cfg.oreo_alpha), sft,
           optimizer=make_optimizer(run_cfg.optim, total_steps=run_cfg.num_steps),
-          train_batches=oracle_batches(trajectories, run_cfg, setup.pad_id,
+          train_batches=oracle_batches(trajectories, run_cfg, pad_id,
                                        float(v["oracle_value"])),
           config=run_cfg.loop_config(), out_dir=seed_dir / name,
           run_config={"variant": dict(v), "run": config_to_dict(run_cfg),
@@ -237,7 +256,8 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
       point = evaluate_policy(f"seed{seed}/{name}/greedy", result.params, seed)
       methods[f"oracle_oreo/{name}"].append(point["accuracy"])
       c = compute[f"oracle_oreo/{name}"]
-      c.setdefault("train_seconds", []).append(time.perf_counter() - t0)
+      if result.resumed_from != result.step:  # trained here, not restored whole
+        c.setdefault("train_seconds", []).append(time.perf_counter() - t0)
       c.setdefault("last_train_loss", []).append(float(result.last_train_loss or 0.0))
   results = {"config": config_to_dict(cfg), "methods": methods,
              "compute": {m: {k: float(np.mean(x)) for k, x in c.items()}
@@ -257,7 +277,7 @@ def make_table(results: dict[str, Any]) -> str:
     name = m.split("/", 1)[-1]
     v = cfg["variants"].get(name, {}) if m.startswith("oracle_oreo/") else {}
     settings = [f"{v[k]:g}" if k in v else "" for k in VARIANT_KEYS]
-    rows.append([m, E._mean_spread(accs), ", ".join(f"{100 * a:.1f}" for a in accs),
+    rows.append([m, mean_spread(accs), ", ".join(f"{100 * a:.1f}" for a in accs),
                  f"{100 * (np.mean(accs) - rs):+.1f}", *settings,
                  results["compute"].get(m, {}).get("train_seconds", 0.0)])
   return "\n".join([

@@ -34,16 +34,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import oreo as E
 from qstar_jax.data.reasoning import Trajectory, pad_trajectories, trajectory_batches
 from qstar_jax.losses import oreo_value_loss
-from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint
+from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.models.llama import apply_hidden
 from qstar_jax.search.steps.step_tree import linear_value
 from qstar_jax.training.arithmetic_policy import within_group_auc
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
+from qstar_jax.training.reasoning_data import (
+  TrajectorySampling,
+  cached_trajectories,
+  sample_arithmetic_trajectories,
+)
 from qstar_jax.training.results import (
   check_stages_config,
   markdown_table,
@@ -64,7 +68,7 @@ class OreoValueFitConfig:
   out: str = "runs/oreo_value_fit"
   train_seeds: tuple[int, ...] = (0, 1)
   heldout_seed: int = 2
-  sampling: E.SamplingConfig = E.SamplingConfig()
+  sampling: TrajectorySampling = TrajectorySampling()
   run: ValueRunConfig = dataclasses.field(default_factory=lambda: ValueRunConfig(
     num_steps=3000, batch_size=32, checkpoint_every=500,
     optim=OptimizerConfig(lr=1e-4, warmup_steps=50, weight_decay=0.0)))
@@ -139,21 +143,23 @@ def run(cfg: OreoValueFitConfig) -> dict[str, Any]:
                             "policy_fingerprint": arithmetic_policy_fingerprint(None)},
                       ignore=("out",))
   timer = PhaseTimer()
-  oreo_cfg = E.OreoExperimentConfig(out=cfg.out, n_test_problems=1, sampling=cfg.sampling)
   with timer.phase("setup"):
-    setup = E.arithmetic_setup(oreo_cfg)
+    policy = load_arithmetic_policy()
+
+  def samples(seed: int) -> list[Trajectory]:
+    return cached_trajectories(out / f"seed{seed}" / "samples.jsonl",
+                               lambda: sample_arithmetic_trajectories(policy, seed, cfg.sampling))
+
   with timer.phase("sample"):
-    train_set = [t for s in cfg.train_seeds
-                 for t in E._samples(setup, s, out / f"seed{s}" / "samples.jsonl")]
-    heldout = E._samples(setup, cfg.heldout_seed,
-                         out / f"seed{cfg.heldout_seed}" / "samples.jsonl")
+    train_set = [t for s in cfg.train_seeds for t in samples(s)]
+    heldout = samples(cfg.heldout_seed)
   correct = np.array([t.reward > 0.5 for t in heldout])
   groups = np.array([t.problem["problem_index"] for t in heldout])
   baselines = {"random_sample": float(correct.mean()),
                "pass_at_n": float(np.mean([correct[groups == g].any()
                                            for g in np.unique(groups)]))}
-  graphdef = setup.test.graphdef
-  score = final_state_scorer(graphdef, heldout, setup.pad_id, cfg.eval_batch)
+  graphdef = policy.graphdef
+  score = final_state_scorer(graphdef, heldout, policy.pad_id, cfg.eval_batch)
   history_path = out / "history.json"
   history = {int(h["step"]): h for h in read_json(history_path) or []}
 
@@ -164,8 +170,8 @@ def run(cfg: OreoValueFitConfig) -> dict[str, Any]:
       write_json(history_path, [history[k] for k in sorted(history)])
       print(f"step {step}: {history[step]}", flush=True)
 
-  params = {"trunk": jax.tree.map(jnp.copy, setup.test.params.policy),
-            "head": {k: jnp.asarray(v, jnp.float32) for k, v in setup.value_head.items()}}
+  params = {"trunk": jax.tree.map(jnp.copy, policy.params),
+            "head": {k: jnp.asarray(v, jnp.float32) for k, v in policy.value_head().items()}}
   record(0, params)
 
   def on_step(step, state, metrics):
@@ -179,7 +185,7 @@ def run(cfg: OreoValueFitConfig) -> dict[str, Any]:
       value_loss_fn(graphdef), params,
       optimizer=make_optimizer(run_cfg.optim, total_steps=run_cfg.num_steps),
       train_batches=lambda start: trajectory_batches(
-        train_set, batch_size=run_cfg.batch_size, seed=run_cfg.seed, pad_id=setup.pad_id,
+        train_set, batch_size=run_cfg.batch_size, seed=run_cfg.seed, pad_id=policy.pad_id,
         width=run_cfg.width, bucket=WIDTH_BUCKET, start_step=start),
       config=run_cfg.loop_config(), out_dir=out / "value",
       run_config={"run": config_to_dict(run_cfg), "train_seeds": list(cfg.train_seeds)},

@@ -34,7 +34,13 @@ from qstar_jax.training.arithmetic_policy import (
   generate_solutions,
   solution_text,
 )
-from qstar_jax.training.reasoning_data import sample_trajectories, trajectories_from_generations
+from qstar_jax.training.reasoning_data import (
+  TrajectorySampling,
+  cached_trajectories,
+  sample_arithmetic_trajectories,
+  sample_trajectories,
+  trajectories_from_generations,
+)
 
 PAD = 3
 PROMPT = [1, 30, 31]
@@ -295,3 +301,29 @@ def test_sample_trajectories_with_the_committed_policy():  # ~4 s: one decode co
   assert [(t.problem["problem_index"], t.problem["sample_index"]) for t in trajs] == [
     (0, 0), (0, 1), (1, 0), (1, 1)]
   assert all(s[-1] in policy.step_stop_ids for t in trajs for s in t.steps[:-1])
+
+
+def test_sample_arithmetic_trajectories_and_their_cache(tmp_path):
+  """The experiments' sampling stage: train problems of ``problem_seed + seed`` sampled with
+  key ``seed`` (the same records as `sample_trajectories` called by hand), written once and
+  read back (``make`` not called again)."""
+  policy = load_arithmetic_policy()
+  cfg = TrajectorySampling(num_problems=2, num_samples=2, problem_seed=5, max_new_tokens=48,
+                           batch_size=4, prompt_width=64)
+  by_hand = sample_trajectories(
+    policy.graphdef, policy.params, jax.random.key(1),
+    problems=arithmetic.generate_problems(6, 2, split="train"), tokenizer=policy.tokenizer,
+    num_samples=2, stop_ids=policy.step_stop_ids, max_new_tokens=48, batch_size=4,
+    prompt_width=64)
+  calls = []
+
+  def make():
+    calls.append(1)
+    return sample_arithmetic_trajectories(policy, 1, cfg)
+
+  path = tmp_path / "seed1" / "samples.jsonl"
+  first = cached_trajectories(path, make)
+  again = cached_trajectories(path, make)
+  assert len(calls) == 1 and path.exists() and not path.with_suffix(".tmp").exists()
+  assert [t.ids for t in first] == [t.ids for t in by_hand] == [t.ids for t in again]
+  assert [t.reward for t in again] == [t.reward for t in by_hand]

@@ -23,7 +23,16 @@ from qstar_jax.training.results import (
   StaleStagesError,
   check_stages_config,
   config_differences,
+  mean_spread,
 )
+
+
+def test_mean_spread_by_hand():
+  assert mean_spread([0.30, 0.34, 0.32]) == "32.0 ± 2.0"   # mean 32, half of 34 - 30
+  assert mean_spread([0.5]) == "50.0 ± 0.0"
+  assert mean_spread([3.0, 5.0], scale=1.0) == "4.0 ± 1.0"
+  with pytest.raises(ValueError, match="no values"):
+    mean_spread([])
 
 
 def test_config_differences_by_hand():

@@ -11,14 +11,27 @@ it cuts each generation into steps after every step delimiter (newline, EOS;
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 from flax import nnx
 
-from qstar_jax.data.reasoning import Trajectory, split_steps
-from qstar_jax.envs.arithmetic import POLICY_PROMPT_FORMAT, arithmetic_reward, policy_prompt
+from qstar_jax.data.reasoning import (
+  Trajectory,
+  read_reasoning_jsonl,
+  split_steps,
+  write_reasoning_jsonl,
+)
+from qstar_jax.distributed import is_main_process
+from qstar_jax.envs.arithmetic import (
+  POLICY_PROMPT_FORMAT,
+  arithmetic_reward,
+  generate_problems,
+  policy_prompt,
+)
 from qstar_jax.training.arithmetic_policy import (
   BOS_ID,
   EOS_ID,
@@ -27,7 +40,9 @@ from qstar_jax.training.arithmetic_policy import (
   solution_text,
 )
 
-__all__ = ["problem_metadata", "sample_trajectories", "trajectories_from_generations"]
+__all__ = ["TrajectorySampling", "cached_trajectories", "problem_metadata",
+           "sample_arithmetic_trajectories", "sample_trajectories",
+           "trajectories_from_generations"]
 
 
 def problem_metadata(problem: Any) -> Any:
@@ -118,3 +133,45 @@ def sample_trajectories(
     prompts, generations, [problems[i] for i in repeated], tokenizer=tokenizer,
     stop_ids=stop_ids, reward_fn=reward_fn, prompt_texts=[texts[i] for i in repeated],
     sample_keys=[(i, j) for i in range(len(problems)) for j in range(num_samples)])
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectorySampling:
+  """How many solutions to sample on which train problems (the data of `experiments.oreo` and
+  its diagnostics)."""
+
+  num_problems: int = 256         # train problems per seed
+  num_samples: int = 8            # solutions per problem
+  temperature: float = 1.0
+  problem_seed: int = 1000        # arithmetic: generate_problems(problem_seed + seed, "train")
+  max_new_tokens: int = 64
+  batch_size: int = 64            # rows per decode call
+  prompt_width: int = 128
+
+
+def sample_arithmetic_trajectories(policy: Any, seed: int,
+                                   cfg: TrajectorySampling) -> list[Trajectory]:
+  """``cfg.num_samples`` solutions of the arithmetic ``policy`` (an `ArithmeticPolicy`) on each
+  of ``cfg.num_problems`` train problems drawn with ``cfg.problem_seed + seed``, sampled with
+  the key ``seed`` (`sample_trajectories`): the same seed and settings give the same records."""
+  problems = generate_problems(cfg.problem_seed + seed, cfg.num_problems, split="train")
+  return sample_trajectories(
+    policy.graphdef, policy.params, jax.random.key(seed), problems=problems,
+    tokenizer=policy.tokenizer, num_samples=cfg.num_samples, stop_ids=policy.step_stop_ids,
+    prompt_format=policy.prompt_format, temperature=cfg.temperature,
+    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+    prompt_width=cfg.prompt_width)
+
+
+def cached_trajectories(path: str | os.PathLike,
+                        make: Callable[[], list[Trajectory]]) -> list[Trajectory]:
+  """The trajectories of the JSONL file ``path``, or ``make()``'s, written there (process 0;
+  whole or absent: a killed run makes them again)."""
+  path = pathlib.Path(path)
+  if path.exists():
+    return read_reasoning_jsonl(path, Trajectory)
+  trajectories = make()
+  if is_main_process():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_reasoning_jsonl(path.with_suffix(".tmp"), trajectories).replace(path)
+  return trajectories

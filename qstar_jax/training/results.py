@@ -18,7 +18,7 @@ from typing import Any
 from qstar_jax.distributed import is_main_process
 
 __all__ = ["STAGES_CONFIG_FILE", "StaleStagesError", "check_stages_config", "config_differences",
-           "markdown_table", "read_json", "save_plot", "to_jsonable", "write_json",
+           "markdown_table", "mean_spread", "read_json", "save_plot", "to_jsonable", "write_json",
            "write_results"]
 
 # The file in an experiment's out dir that records the settings its stage files were made with.
@@ -143,6 +143,19 @@ def write_results(out_dir: str | os.PathLike, *, results: Mapping[str, Any], tab
   os.replace(tmp, out / "results.json")
   text = table_md if table_md.endswith("\n") else table_md + "\n"
   (out / "table.md").write_text(text)
+
+
+def mean_spread(values: Sequence[float], *, scale: float = 100.0) -> str:
+  """``"mean ± half-range"`` of ``values * scale`` with one decimal (accuracies over seeds in %).
+
+  Examples:
+    >>> mean_spread([0.30, 0.34, 0.32])
+    '32.0 ± 2.0'
+  """
+  a = [scale * float(v) for v in values]
+  if not a:
+    raise ValueError("mean_spread got no values: expected one per seed")
+  return f"{sum(a) / len(a):.1f} ± {(max(a) - min(a)) / 2:.1f}"
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, floatfmt: str = ".4f") -> str:

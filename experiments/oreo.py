@@ -67,7 +67,6 @@ from qstar_jax.search.steps.tasks import (
   Gsm8kTask,
   SearchTask,
   arithmetic_task,
-  evaluate,
   gsm8k_prompt,
   gsm8k_task,
 )
@@ -83,6 +82,7 @@ from qstar_jax.training.reasoning_data import (
 )
 from qstar_jax.training.results import (
   check_stages_config,
+  evaluate_once,
   markdown_table,
   mean_spread,
   new_figure,
@@ -264,17 +264,6 @@ def _policy_head(params: PolicyValueParams) -> PolicyValueParams:
   return params
 
 
-def _evaluate(evals: dict[str, Any], key: str, path: pathlib.Path, task: SearchTask,
-              method: str, budget: SearchBudget, seed: int, **scorer: Any) -> dict[str, Any]:
-  if key not in evals:
-    point = evaluate(task, method, budget, seed=seed, **scorer)
-    evals[key] = {k: v for k, v in point.items() if k != "first_text"}
-    write_json(path, evals)
-    print(f"{key}: accuracy {point['accuracy']:.3f}, {point['tokens_decoded']:.1f} tokens "
-          f"decoded / problem", flush=True)
-  return evals[key]
-
-
 def acceptance_checks(methods: dict[str, list[float]]) -> list[dict[str, Any]]:
   """The issue's checks on the seed means: OREO greedy >= rejection sampling >= SFT, and
   OREO + beam >= OREO greedy; each ``{"check", "met", "values"}`` (values in %)."""
@@ -374,7 +363,8 @@ def run(cfg: OreoExperimentConfig, *, mesh: Mesh | None = None) -> dict[str, Any
         compute[method].setdefault(k, []).append(float(v))
 
   with timer.phase("eval"):
-    sft_point = _evaluate(evals, "sft/greedy", evals_path, setup.test, "greedy", greedy, 0)
+    sft_point = evaluate_once(evals, "sft/greedy", evals_path, setup.test, "greedy", greedy,
+                              seed=0)
   for seed in cfg.seeds:
     seed_dir = out / f"seed{seed}"
     with timer.phase("sample"):
@@ -396,14 +386,14 @@ def run(cfg: OreoExperimentConfig, *, mesh: Mesh | None = None) -> dict[str, Any
                                       seed_dir / method, mesh)
       task = dataclasses.replace(setup.test, params=params)
       with timer.phase("eval"):
-        point = _evaluate(evals, f"seed{seed}/{method}/greedy", evals_path,
-                          dataclasses.replace(task, params=_policy_head(params)), "greedy",
-                          greedy, seed)
+        point = evaluate_once(evals, f"seed{seed}/{method}/greedy", evals_path,
+                              dataclasses.replace(task, params=_policy_head(params)), "greedy",
+                              greedy, seed=seed)
         record(method, point, {**train_record,
                                "seconds": train_record["train_seconds"] + point["seconds"]})
         if method == "oreo":
-          point = _evaluate(evals, f"seed{seed}/oreo/beam", evals_path, task, "beam", beam,
-                            seed, **oreo_beam_scorer(task))
+          point = evaluate_once(evals, f"seed{seed}/oreo/beam", evals_path, task, "beam", beam,
+                                seed=seed, **oreo_beam_scorer(task))
           record("oreo_beam", point, {**train_record, "seconds": train_record["train_seconds"]
                                       + point["seconds"]})
   results = {

@@ -34,7 +34,6 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -45,7 +44,7 @@ from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, lo
 from qstar_jax.models.llama import apply
 from qstar_jax.search.steps.methods import SearchBudget
 from qstar_jax.search.steps.step_tree import PolicyValueParams
-from qstar_jax.search.steps.tasks import ArithmeticTask, arithmetic_task, evaluate
+from qstar_jax.search.steps.tasks import ArithmeticTask, arithmetic_task
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
@@ -56,15 +55,16 @@ from qstar_jax.training.reasoning_data import (
 )
 from qstar_jax.training.results import (
   check_stages_config,
+  evaluate_once,
   markdown_table,
   mean_spread,
   new_figure,
   read_json,
   save_plot,
-  write_json,
   write_results,
 )
 from qstar_jax.training.train_loop import train
+from qstar_jax.training.value_learning import reference_log_probs
 from qstar_jax.training.value_runs import WIDTH_BUCKET, ValueRunConfig, run_sft
 
 PRESETS = pathlib.Path(__file__).resolve().parent / "presets" / "oreo_oracle"
@@ -139,11 +139,12 @@ def oracle_values(step_index: np.ndarray, wrong_step: np.ndarray, p: float) -> n
   return np.where(after, 0.0, p).astype(np.float32)
 
 
-def oracle_batches(trajectories: Sequence[Trajectory], cfg: ValueRunConfig, pad_id: int,
-                   p: float):
+def oracle_batches(trajectories: Sequence[Trajectory], wrong_steps: Sequence[int],
+                   cfg: ValueRunConfig, pad_id: int, p: float):
   """`trajectory_batches` as dicts with ``values`` (`oracle_values`) beside the usual fields;
-  rows are matched to their trajectory by their token ids."""
-  wrong = {t.ids: first_wrong_step(t) for t in trajectories}
+  ``wrong_steps`` holds each trajectory's `first_wrong_step`, and rows are matched to their
+  trajectory by their token ids."""
+  wrong = {t.ids: w for t, w in zip(trajectories, wrong_steps, strict=True)}
 
   def batches(start_step: int):
     for b in trajectory_batches(trajectories, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -167,9 +168,8 @@ def oracle_loss_fn(graphdef: Any, *, beta: float, alpha: float):
     tokens = jnp.asarray(batch["tokens"], jnp.int32)
     mask = jnp.asarray(batch["mask"]).astype(bool)
     logits, _ = apply(graphdef, params, tokens[:, :-1])
-    ref_logits, _ = apply(graphdef, jax.lax.stop_gradient(extra), tokens[:, :-1])
     lp = token_log_probs(logits, tokens[:, 1:], mask)
-    ref = token_log_probs(jax.lax.stop_gradient(ref_logits), tokens[:, 1:], mask)
+    ref = reference_log_probs(graphdef, extra, tokens, mask)
     loss = oreo_policy_loss(jnp.asarray(batch["values"]), lp, ref, batch["rewards"], mask,
                             beta=beta, alpha=alpha)
     return loss.mean(), {}
@@ -198,15 +198,10 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
 
   def evaluate_policy(key: str, params: Any, seed: int) -> dict[str, Any]:
     """Greedy accuracy of ``params`` on the test problems, kept in ``evals.json``."""
-    if key not in evals:
-      task = dataclasses.replace(test, params=PolicyValueParams(policy=params,
-                                                                value=test.params.value))
-      with timer.phase("eval"):
-        point = evaluate(task, "greedy", greedy, seed=seed)
-      evals[key] = {k: v for k, v in point.items() if k != "first_text"}
-      write_json(evals_path, evals)
-      print(f"{key}: accuracy {point['accuracy']:.3f}", flush=True)
-    return evals[key]
+    task = dataclasses.replace(test, params=PolicyValueParams(policy=params,
+                                                              value=test.params.value))
+    with timer.phase("eval"):
+      return evaluate_once(evals, key, evals_path, task, "greedy", greedy, seed=seed)
 
   methods: dict[str, list[float]] = {"sft": [], "rejection_sampling": [],
                                      **{f"oracle_oreo/{n}": [] for n in cfg.variants}}
@@ -246,7 +241,7 @@ def run(cfg: OreoOracleConfig) -> dict[str, Any]:
         result = train(
           oracle_loss_fn(graphdef, beta=float(v["beta"]), alpha=cfg.oreo_alpha), sft,
           optimizer=make_optimizer(run_cfg.optim, total_steps=run_cfg.num_steps),
-          train_batches=oracle_batches(trajectories, run_cfg, pad_id,
+          train_batches=oracle_batches(trajectories, wrong, run_cfg, pad_id,
                                        float(v["oracle_value"])),
           config=run_cfg.loop_config(), out_dir=seed_dir / name,
           run_config={"variant": dict(v), "run": config_to_dict(run_cfg),

@@ -39,7 +39,7 @@ from qstar_jax.losses import oreo_value_loss
 from qstar_jax.models.arithmetic_policy import arithmetic_policy_fingerprint, load_arithmetic_policy
 from qstar_jax.models.llama import apply_hidden
 from qstar_jax.search.steps.step_tree import linear_value
-from qstar_jax.training.arithmetic_policy import within_group_auc
+from qstar_jax.training.arithmetic_policy import binary_auc, within_group_auc
 from qstar_jax.training.config import config_to_dict, parse_config
 from qstar_jax.training.optim import OptimizerConfig, lr_schedule, make_optimizer
 from qstar_jax.training.progress import PhaseTimer
@@ -127,7 +127,7 @@ def ranking_metrics(scores: np.ndarray, correct: np.ndarray,
   best = [bool(correct[rows[np.argmax(scores[rows])]])
           for rows in (np.flatnonzero(groups == g) for g in np.unique(groups))]
   return {"within_problem_auc": within_group_auc(scores, correct, groups),
-          "pooled_auc": within_group_auc(scores, correct, np.zeros_like(groups)),
+          "pooled_auc": binary_auc(scores, correct),
           "best_of_n": float(np.mean(best))}
 
 

@@ -69,7 +69,8 @@ def test_oracle_batches_match_each_row_to_its_trajectory():
   trajectories = [_trajectory(problem, w, 100 + 50 * k) for k, w in enumerate(wrong_lines)]
   cfg = ValueRunConfig(num_steps=3, batch_size=2, seed=3)
   seen = set()
-  batches = oreo_oracle.oracle_batches(trajectories, cfg, pad_id=0, p=0.5)(0)  # endless epochs
+  wrong = [oreo_oracle.first_wrong_step(t) for t in trajectories]
+  batches = oreo_oracle.oracle_batches(trajectories, wrong, cfg, pad_id=0, p=0.5)(0)  # endless
   for batch in itertools.islice(batches, 6):
     for row, step_index, values in zip(batch["tokens"], batch["step_index"], batch["values"],
                                        strict=True):

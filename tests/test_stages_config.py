@@ -17,12 +17,14 @@ from qstar_jax.models.arithmetic_policy import (
   save_trained_policy,
 )
 from qstar_jax.models.errors import CheckpointError
+from qstar_jax.training import results as results_module
 from qstar_jax.training.config import config_to_dict
 from qstar_jax.training.results import (
   STAGES_CONFIG_FILE,
   StaleStagesError,
   check_stages_config,
   config_differences,
+  evaluate_once,
   mean_spread,
 )
 
@@ -33,6 +35,24 @@ def test_mean_spread_by_hand():
   assert mean_spread([3.0, 5.0], scale=1.0) == "4.0 ± 1.0"
   with pytest.raises(ValueError, match="no values"):
     mean_spread([])
+
+
+def test_evaluate_once_stores_each_key_once(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_evaluate(task, method, budget, *, seed, **scorer):
+    calls.append((task, method, budget, seed, scorer))
+    return {"accuracy": 0.25, "tokens_decoded": 3.0, "first_text": "1 + 1 = 2"}
+
+  monkeypatch.setattr(results_module, "evaluate", fake_evaluate)
+  path = tmp_path / "evals.json"
+  evals = {"old": {"accuracy": 1.0}}
+  point = evaluate_once(evals, "seed0/x", path, "task", "beam", "budget", seed=3, scorer="s")
+  assert point == {"accuracy": 0.25, "tokens_decoded": 3.0}          # first_text dropped
+  assert calls == [("task", "beam", "budget", 3, {"scorer": "s"})]
+  assert json.loads(path.read_text()) == {"old": {"accuracy": 1.0}, "seed0/x": point}
+  again = evaluate_once(evals, "seed0/x", path, "task", "beam", "budget", seed=3)
+  assert again == point and len(calls) == 1                          # kept, not redone
 
 
 def test_config_differences_by_hand():

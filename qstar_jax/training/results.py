@@ -16,9 +16,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qstar_jax.distributed import is_main_process
+from qstar_jax.search.steps.methods import SearchBudget
+from qstar_jax.search.steps.tasks import SearchTask, evaluate
 
 __all__ = ["STAGES_CONFIG_FILE", "StaleStagesError", "check_stages_config", "config_differences",
-           "markdown_table", "mean_spread", "read_json", "save_plot", "to_jsonable", "write_json",
+           "evaluate_once", "markdown_table", "mean_spread", "read_json", "save_plot", "to_jsonable", "write_json",
            "write_results"]
 
 # The file in an experiment's out dir that records the settings its stage files were made with.
@@ -143,6 +145,21 @@ def write_results(out_dir: str | os.PathLike, *, results: Mapping[str, Any], tab
   os.replace(tmp, out / "results.json")
   text = table_md if table_md.endswith("\n") else table_md + "\n"
   (out / "table.md").write_text(text)
+
+
+def evaluate_once(evals: dict[str, Any], key: str, path: str | os.PathLike, task: SearchTask,
+                  method: str, budget: SearchBudget, *, seed: int,
+                  **scorer: Any) -> dict[str, Any]:
+  """``evals[key]``: when missing, `search.steps.tasks.evaluate(task, method, budget, seed=seed,
+  **scorer)`'s point (its ``first_text`` dropped), stored in ``evals`` and the whole dict written
+  to ``path`` as it finishes, so a rerun of a killed experiment skips what it already has."""
+  if key not in evals:
+    point = evaluate(task, method, budget, seed=seed, **scorer)
+    evals[key] = {k: v for k, v in point.items() if k != "first_text"}
+    write_json(path, evals)
+    print(f"{key}: accuracy {point['accuracy']:.3f}, {point['tokens_decoded']:.1f} tokens "
+          f"decoded / problem", flush=True)
+  return evals[key]
 
 
 def mean_spread(values: Sequence[float], *, scale: float = 100.0) -> str:
